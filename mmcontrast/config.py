@@ -1,0 +1,324 @@
+"""Typed run configuration: dataclasses loaded from YAML plus `a.b=value` overrides.
+
+Every key is checked before any work starts; a bad key or value raises ConfigError naming the
+key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES = ("image", "text", "audio")
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/demo"
+    seed: int = 0
+    wandb: str = "disabled"  # online | offline | disabled
+    wandb_project: str = "mmcontrast"
+    name: str = ""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # brace-expanded URLs; several sources joined with "::"
+    train_weights: list[float] = field(default_factory=list)  # one weight per "::" source
+    val: str = ""
+    resampled: bool = False
+    shuffle_buffer: int = 1000
+    batch_size: int = 64
+    workers: int = 2
+    # modality -> ";"-separated shard field names tried in order
+    fields: dict[str, str] = field(
+        default_factory=lambda: {"image": "png;jpg;jpeg;webp", "text": "txt", "audio": "flac;wav;mp3"}
+    )
+    audio_sample_rate: int = 16000
+    audio_seconds: float = 1.0
+
+
+@dataclass
+class AudioTowerConfig:
+    backbone: str = "resnet10t"  # any timm model name
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    sample_rate: int = 16000
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 64
+
+
+@dataclass
+class ModelConfig:
+    # open_clip model name (open_clip.list_models()) or an inline open_clip model config dict
+    clip: Any = "ViT-B-32"
+    audio: AudioTowerConfig | None = field(default_factory=AudioTowerConfig)
+    init_logit_scale: float = 2.6592  # ln(1/0.07), as CLIP
+
+
+@dataclass
+class TermConfig:
+    name: str = "info_nce"  # a registered objective term
+    weight: float = 1.0
+    # "all" pairs of the modalities, or "anchor:<modality>" (every modality against one), or an
+    # explicit list of [a, b] pairs
+    pairs: Any = "all"
+
+
+@dataclass
+class LossConfig:
+    terms: list[TermConfig] = field(default_factory=lambda: [TermConfig()])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup: int = 100
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    templates: list[str] = field(
+        default_factory=lambda: ["a {}.", "a photo of a {}.", "the sound of a {}."]
+    )
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def modalities(self) -> list[str]:
+        """Modalities this run trains, in canonical order."""
+        return [m for m in MODALITIES if m in self.data.fields]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- building from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{full}'{hint}; allowed keys here: {', '.join(names)}"
+            )
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: bad value {value!r}; allowed: {allowed}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and consistency checks that types alone cannot express."""
+    from mmcontrast.losses.registry import TERMS  # late: losses import nothing from here
+
+    r, d, t = cfg.run, cfg.data, cfg.train
+    _check(r.wandb in ("online", "offline", "disabled"), "run.wandb", r.wandb, "online, offline, disabled")
+    _check(bool(r.dir), "run.dir", r.dir, "a non-empty path")
+    _check(t.steps >= 1, "train.steps", t.steps, "an integer >= 1")
+    _check(t.lr > 0, "train.lr", t.lr, "a number > 0")
+    _check(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"0 <= min_lr <= train.lr ({t.lr})")
+    _check(t.warmup >= 0, "train.warmup", t.warmup, "an integer >= 0")
+    _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two numbers in [0, 1)")
+    _check(t.eps > 0, "train.eps", t.eps, "a number > 0")
+    _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables)")
+    _check(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32, bf16")
+    _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "0, 1, 2, 3")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "an integer >= 0")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "an integer >= 0")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
+    _check(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
+    _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
+    _check(d.audio_sample_rate > 0, "data.audio_sample_rate", d.audio_sample_rate, "a positive integer")
+    _check(d.audio_seconds > 0, "data.audio_seconds", d.audio_seconds, "a number > 0")
+    for m in d.fields:
+        _check(m in MODALITIES, f"data.fields.{m}", m, ", ".join(MODALITIES))
+    _check(len(cfg.modalities) >= 2, "data.fields", list(d.fields), "at least two modalities")
+    n_sources = len(d.train.split("::")) if d.train else 0
+    if d.train_weights:
+        _check(
+            len(d.train_weights) == n_sources and all(w > 0 for w in d.train_weights),
+            "data.train_weights",
+            d.train_weights,
+            f"{n_sources} positive weights, one per '::'-separated source in data.train",
+        )
+    if "audio" in cfg.modalities:
+        _check(cfg.model.audio is not None, "model.audio", None, "an audio tower config when data.fields has audio")
+    if cfg.model.audio is not None:
+        a = cfg.model.audio
+        _check(a.n_mels >= 8, "model.audio.n_mels", a.n_mels, "an integer >= 8")
+        _check(0 < a.hop_length <= a.n_fft, "model.audio.hop_length", a.hop_length, f"1..n_fft ({a.n_fft})")
+    _check(isinstance(cfg.model.clip, (str, dict)), "model.clip", cfg.model.clip, "an open_clip model name or config dict")
+    _check(len(cfg.loss.terms) >= 1, "loss.terms", cfg.loss.terms, "at least one objective term")
+    for i, term in enumerate(cfg.loss.terms):
+        _check(term.name in TERMS, f"loss.terms[{i}].name", term.name, ", ".join(sorted(TERMS)))
+        _check(term.weight >= 0, f"loss.terms[{i}].weight", term.weight, "a number >= 0")
+        try:
+            resolve_pairs(term.pairs, cfg.modalities)
+        except ConfigError as exc:
+            raise ConfigError(f"loss.terms[{i}].pairs: {exc}") from None
+    return cfg
+
+
+def resolve_pairs(spec: Any, modalities: list[str]) -> list[tuple[str, str]]:
+    """Turn a pair spec ("all", "anchor:text" or [[a, b], ...]) into ordered modality pairs."""
+    if spec == "all":
+        return [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
+    if isinstance(spec, str) and spec.startswith("anchor:"):
+        anchor = spec.split(":", 1)[1]
+        if anchor not in modalities:
+            raise ConfigError(f"bad value {spec!r}; the anchor must be one of {modalities}")
+        return [(anchor, m) for m in modalities if m != anchor]
+    if isinstance(spec, list) and spec:
+        pairs = []
+        for p in spec:
+            if not (isinstance(p, (list, tuple)) and len(p) == 2 and p[0] != p[1] and all(m in modalities for m in p)):
+                raise ConfigError(f"bad pair {p!r}; each pair is two different modalities of {modalities}")
+            pairs.append((p[0], p[1]))
+        return pairs
+    raise ConfigError(f"bad value {spec!r}; allowed: 'all', 'anchor:<modality>' or a list of [a, b] pairs")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form a.b=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set_nested(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a YAML run config, apply `a.b=value` overrides and validate."""
+    tree: dict = {}
+    if path is not None:
+        text = Path(path).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _set_nested(tree, keys, value)
+    return validate(_build(Config, tree, ""))
+
+
+def config_from_dict(tree: dict) -> Config:
+    return validate(_build(Config, tree, ""))

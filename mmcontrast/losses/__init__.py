@@ -1,0 +1,1 @@
+from mmcontrast.losses.registry import TERMS, register_term  # noqa: F401
