@@ -1,0 +1,51 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# DeepSpeed JIT-builds a communication op on first start; keep it between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export WANDB_MODE ?= disabled
+DEMO := demo_out
+DEMO_TRAIN ?= 8000
+DEMO_VAL ?= 1000
+
+.PHONY: demo test test-fast lint format install sysdeps clean
+
+$(BIN)/.installed: setup.cfg constraints.txt pyproject.toml
+	@$(MAKE) --no-print-directory sysdeps
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade-strategy only-if-needed -c constraints.txt -e ".[test,coca]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# g++ builds DeepSpeed's CPU communication op; apt-get only runs when something is missing.
+sysdeps:
+	@missing=""; command -v g++ >/dev/null || missing="$$missing g++"; \
+	$(PYTHON) -c "import venv, ensurepip" 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: install
+	$(BIN)/mmcontrast data demo --out $(DEMO)/world --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
+	$(BIN)/mmcontrast train configs/demo.yaml run.dir=$(DEMO)/run
+	$(BIN)/mmcontrast export $(DEMO)/run --out $(DEMO)/export
+	$(BIN)/mmcontrast eval $(DEMO)/export --data "$(DEMO)/world/val-{000000..000000}.tar" --out $(DEMO)/metrics.json
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean:
+	rm -rf $(DEMO) runs .pytest_cache

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Launch training with torchrun, on one node or several.
+#
+#   launch/torchrun.sh CONFIG [a.b=value ...] [--resume]
+#
+# Environment: NPROC_PER_NODE (default: GPUs on this node, else 2 CPU processes),
+# NNODES (default 1), NODE_RANK (default 0), MASTER_ADDR (default 127.0.0.1),
+# MASTER_PORT (default 29500). On CPU the ranks talk over gloo.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: $0 CONFIG [a.b=value ...] [--resume]" >&2
+  exit 2
+fi
+here="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-$here/.venv/bin/python}"
+[ -x "$python" ] || python=python3
+gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+nproc="${NPROC_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}"
+nnodes="${NNODES:-1}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$here/.cache/torch_extensions}"
+exec "$python" -m torch.distributed.run \
+  --nnodes="$nnodes" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
+  -m mmcontrast.cli train "$@"

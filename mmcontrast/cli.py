@@ -1,0 +1,113 @@
+"""`mmcontrast` command line: thin subcommands over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _cmd_data_demo(args) -> None:
+    from mmcontrast.data.demo import write_demo_world
+
+    manifest = write_demo_world(args.out, args.train, args.val, args.seed, samples_per_shard=args.shard_size)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "classes"}, indent=2))
+
+
+def _cmd_data_clip_benchmark(args) -> None:
+    from mmcontrast.eval.clip_benchmark import write_clip_benchmark_wds
+
+    print(write_clip_benchmark_wds(args.data, args.out))
+
+
+def _cmd_config(args) -> None:
+    import yaml
+
+    from mmcontrast.config import load_config
+
+    print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
+
+
+def _cmd_train(args) -> None:
+    from mmcontrast.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # refuses bad keys before any work
+    from mmcontrast.train.loop import train
+
+    result = train(cfg, resume=args.resume)
+    if "eval" in result:
+        from mmcontrast.eval.run import format_metrics_table
+
+        print(format_metrics_table(result["eval"]))
+
+
+def _cmd_export(args) -> None:
+    from mmcontrast.export import export_run
+
+    print(export_run(args.run_dir, args.out, tag=args.tag))
+
+
+def _cmd_eval(args) -> None:
+    from mmcontrast.eval.run import eval_main
+
+    eval_main(args.export_dir, args.data, args.out, args.batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcontrast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="write datasets").add_subparsers(dest="data_command", required=True)
+    demo = data.add_parser("demo", help="write the synthetic demo world as WebDataset shards")
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--train", type=int, default=8000)
+    demo.add_argument("--val", type=int, default=1000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--shard-size", type=int, default=1000)
+    demo.set_defaults(func=_cmd_data_demo)
+    cb = data.add_parser("clip-benchmark", help="write val data in clip_benchmark's wds zero-shot layout")
+    cb.add_argument("--data", required=True, help="val shard URLs")
+    cb.add_argument("--out", required=True)
+    cb.set_defaults(func=_cmd_data_clip_benchmark)
+
+    cfg = sub.add_parser("config", help="print the resolved config (validates it)")
+    cfg.add_argument("config")
+    cfg.add_argument("overrides", nargs="*", help="a.b=value")
+    cfg.set_defaults(func=_cmd_config)
+
+    train = sub.add_parser("train", help="train a run config")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*", help="a.b=value")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.set_defaults(func=_cmd_train)
+
+    export = sub.add_parser("export", help="checkpoint -> open_clip local-dir folder (+ audio tower)")
+    export.add_argument("run_dir")
+    export.add_argument("--out", required=True)
+    export.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    export.set_defaults(func=_cmd_export)
+
+    ev = sub.add_parser("eval", help="zero-shot and retrieval metrics of an export")
+    ev.add_argument("export_dir")
+    ev.add_argument("--data", required=True, help="val shard URLs")
+    ev.add_argument("--out", required=True, help="metrics JSON file")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv=None) -> None:
+    from mmcontrast.config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(f"mmcontrast: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

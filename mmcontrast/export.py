@@ -1,0 +1,290 @@
+"""Checkpoint -> an open_clip `local-dir` folder, plus the extra (non open_clip) towers.
+
+Folder layout (every file is required by `load_exported`):
+
+    open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}  (open_clip's own schema)
+    open_clip_model.safetensors  the CLIP image/text weights, logit_scale clamped at ln(100)
+    <modality>_tower.safetensors one per extra tower, e.g. audio_tower.safetensors
+    mmcontrast_config.json       tower configs, modalities, audio preprocessing, eval templates, source
+
+open_clip.create_model_and_transforms("local-dir:DIR") and open_clip.get_tokenizer("local-dir:DIR")
+load the image/text model from it unchanged; `load_exported` loads that part through the same
+open_clip path and adds the towers, so tools like clip_benchmark and mmcontrast see the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import load_file, load_model, save_file
+from torch import nn
+
+from mmcontrast.config import AudioTowerConfig, load_config
+from mmcontrast.model.multimodal import MAX_LOGIT_SCALE, build_model
+from mmcontrast.model.towers import TOWERS, create_tower
+
+FORMAT_VERSION = 1
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+MMCONTRAST_CONFIG = "mmcontrast_config.json"
+# Tower config dataclasses by modality, to rebuild the towers from plain JSON.
+TOWER_CONFIG_TYPES = {"audio": AudioTowerConfig}
+
+
+class ExportError(RuntimeError):
+    """A run directory or an export folder that cannot be used, with the reason in words."""
+
+
+def tower_weights_name(modality: str) -> str:
+    return f"{modality}_tower.safetensors"
+
+
+# ---------------------------------------------------------------- run dir -> model
+
+
+def resolve_checkpoint(run_dir, tag: str | None = None) -> tuple[str, Path]:
+    """The (tag, model.safetensors path) to export: the given tag or the one `latest` names."""
+    root = Path(run_dir) / "checkpoints"
+    if tag is None:
+        marker = root / "latest"
+        if not marker.is_file():
+            found = sorted(p.name for p in root.glob("*") if (p / "model.safetensors").is_file())
+            hint = f"; checkpoints present: {', '.join(found)} (pass tag=...)" if found else ""
+            raise ExportError(f"no checkpoint to export in {run_dir}: {marker} does not exist{hint}")
+        tag = marker.read_text().strip()
+    weights = root / tag / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"checkpoint {tag!r} of {run_dir} has no weights file: {weights} does not exist")
+    return tag, weights
+
+
+def step_of(tag: str) -> int | None:
+    match = re.search(r"(\d+)$", tag)
+    return int(match.group(1)) if match else None
+
+
+def load_run_model(run_dir, tag: str | None = None):
+    """(config, MultimodalModel with the checkpoint's weights, tag) for a training run directory."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ExportError(f"{run_dir} is not a run directory: {config_path} does not exist")
+    cfg = load_config(config_path)
+    tag, weights = resolve_checkpoint(run_dir, tag)
+    model = build_model(cfg.model, cfg.modalities)
+    try:
+        # load_model copes with files written by save_model (shared tensors deduplicated) and save_file.
+        load_model(model, str(weights), strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"{weights} does not match the model described by {config_path}: {exc}") from exc
+    return cfg, model.eval(), tag
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _jsonable(value):
+    """Tuples -> lists, recursively, so configs round-trip through JSON unchanged."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
+    preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model.clip))
+    _write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model.clip_cfg, "preprocess_cfg": preprocess_cfg})
+
+    clip_state = {k: v.detach().float().cpu().contiguous().clone() for k, v in model.clip.state_dict().items()}
+    # CLIP clamps the temperature where it is used; store the value it is actually used at.
+    clip_state["logit_scale"] = clip_state["logit_scale"].clamp(max=MAX_LOGIT_SCALE)
+    save_file(clip_state, str(folder / OPEN_CLIP_WEIGHTS))
+
+    towers = {}
+    for modality, tower in model.towers.items():
+        tower_cfg = model.tower_cfgs[modality]
+        name = tower_weights_name(modality)
+        state = {k: v.detach().float().cpu().contiguous().clone() for k, v in tower.state_dict().items()}
+        save_file(state, str(folder / name))
+        towers[modality] = {
+            "type": getattr(tower_cfg, "type", "timm_audio"),
+            "config": _jsonable(dataclasses.asdict(tower_cfg)),
+            "weights": name,
+        }
+
+    data = cfg.data
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "embed_dim": model.embed_dim,
+        "modalities": list(model.modalities),
+        "towers": towers,
+        # What the eval loader needs to decode shards the way training did.
+        "data_fields": dict(data.fields),
+        "audio": {
+            "sample_rate": data.audio_sample_rate,
+            "num_samples": int(round(data.audio_sample_rate * data.audio_seconds)),
+        },
+        "eval_templates": list(cfg.eval.templates),
+        "logit_scale": float(clip_state["logit_scale"].exp()),
+        "source": {"run_dir": str(run_dir.resolve()), "tag": tag, "step": step_of(tag), "run_name": cfg.run.name},
+    }
+    _write_json(folder / MMCONTRAST_CONFIG, meta)
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished temp folder into place; an earlier export there is replaced whole."""
+    if not out_dir.exists():
+        os.replace(tmp, out_dir)
+        return
+    if not out_dir.is_dir():
+        raise ExportError(f"cannot export to {out_dir}: it exists and is not a directory")
+    if any(out_dir.iterdir()) and not (out_dir / MMCONTRAST_CONFIG).is_file():
+        # Never delete a folder of someone else's files just because it is in the way.
+        raise ExportError(f"cannot export to {out_dir}: it is a non-empty directory that is not an export")
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    os.replace(out_dir, old / "export")
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        os.replace(old / "export", out_dir)  # put the previous export back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_run(run_dir, out_dir, tag: str | None = None) -> Path:
+    """Export a run's latest (or `tag`) checkpoint to `out_dir`; returns the folder's path.
+
+    The folder is written under a temporary name next to `out_dir` and renamed into place, so a
+    crash leaves either the previous export or the new one, never a mixture.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg, model, tag = load_run_model(run_dir, tag)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_export(tmp, cfg, model, run_dir, tag)
+        _install(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+# ---------------------------------------------------------------- loading
+
+
+class ExportedModel(nn.Module):
+    """An exported model: open_clip's CLIP (loaded via local-dir) plus the extra towers.
+
+    `encode(modality, x)` matches MultimodalModel.encode, so evaluation code serves both.
+    """
+
+    def __init__(self, clip, towers: dict, tokenizer, preprocess, meta: dict):
+        super().__init__()
+        self.clip = clip
+        self.towers = nn.ModuleDict(towers)
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.meta = meta
+        self.modalities = list(meta["modalities"])
+        self.embed_dim = int(meta["embed_dim"])
+        self.audio_sample_rate = int(meta["audio"]["sample_rate"])
+        self.audio_num_samples = int(meta["audio"]["num_samples"])
+        self.templates = list(meta.get("eval_templates") or [])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images.to(self.device), normalize=True)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens.to(self.device), normalize=True)
+
+    def encode_audio(self, waveforms: torch.Tensor) -> torch.Tensor:
+        return self.encode("audio", waveforms)
+
+    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        if modality == "image":
+            return self.encode_image(x)
+        if modality == "text":
+            return self.encode_text(x)
+        if modality not in self.towers:
+            raise KeyError(f"this export has no {modality!r} tower; it has {', '.join(self.modalities)}")
+        return self.towers[modality](x.to(self.device))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); the export is damaged, export it again") from exc
+
+
+def _build_tower(modality: str, spec: dict, embed_dim: int) -> nn.Module:
+    config_type = TOWER_CONFIG_TYPES.get(modality)
+    if config_type is None:
+        raise ExportError(f"this mmcontrast version cannot rebuild a {modality!r} tower")
+    try:
+        tower_cfg = config_type(**spec["config"])
+    except TypeError as exc:
+        raise ExportError(f"{modality} tower config does not fit {config_type.__name__}: {exc}") from exc
+    kind = spec.get("type", "timm_audio")
+    # create_tower picks the builder from the config; refuse an export whose recorded type differs.
+    if kind not in TOWERS or getattr(tower_cfg, "type", "timm_audio") != kind:
+        raise ExportError(f"{modality} tower type {kind!r} is not one this mmcontrast builds ({', '.join(TOWERS)})")
+    return create_tower(embed_dim, tower_cfg)
+
+
+def load_exported(path, device="cpu") -> ExportedModel:
+    """Load a folder written by `export_run`; the image/text model comes from open_clip's local-dir."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ExportError(f"{folder} is not an export folder: it does not exist or is not a directory")
+    required = [OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, MMCONTRAST_CONFIG]
+    missing = [name for name in required if not (folder / name).is_file()]
+    if missing:
+        raise ExportError(f"export {folder} is incomplete: missing {', '.join(missing)}")
+    meta = _read_json(folder / MMCONTRAST_CONFIG)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"export {folder} has format_version {meta.get('format_version')!r}; this mmcontrast reads {FORMAT_VERSION}"
+        )
+    towers_spec = meta.get("towers", {})
+    missing = [spec["weights"] for spec in towers_spec.values() if not (folder / spec["weights"]).is_file()]
+    if missing:
+        raise ExportError(f"export {folder} is incomplete: missing {', '.join(missing)}")
+
+    name = f"local-dir:{folder}"
+    clip, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+
+    towers = {}
+    for modality, spec in towers_spec.items():
+        tower = _build_tower(modality, spec, int(meta["embed_dim"]))
+        try:
+            tower.load_state_dict(load_file(str(folder / spec["weights"])), strict=True)
+        except RuntimeError as exc:
+            raise ExportError(f"{folder / spec['weights']} does not fit the {modality} tower config: {exc}") from exc
+        towers[modality] = tower
+    model = ExportedModel(clip, towers, tokenizer, preprocess, meta).to(device)
+    return model.eval()

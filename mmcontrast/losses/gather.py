@@ -1,0 +1,58 @@
+"""The one place distribution enters the losses: gather every rank's rows, with gradients.
+
+Ranks may hold different numbers of rows. Backward sums each rank's gradient for the gathered
+tensor (all_reduce) and hands every rank the slice of its own rows, so a key's gradient reaches
+the rank that computed it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _row_counts(n: int, device) -> list[int]:
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(s.item()) for s in sizes]
+
+
+def _all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    longest = max(counts)
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, counts, offset):
+        ctx.offset, ctx.n = offset, x.shape[0]
+        return _all_gather_rows(x, counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.offset : ctx.offset + ctx.n], None, None
+
+
+def gather_rows(x: torch.Tensor, *, with_grad: bool = True) -> tuple[torch.Tensor, int]:
+    """(n_local, ...) -> ((n_global, ...), offset of this rank's rows in the result)."""
+    rank, world = world_info()
+    if world == 1:
+        return x, 0
+    counts = _row_counts(x.shape[0], x.device)
+    offset = sum(counts[:rank])
+    if with_grad and x.requires_grad:
+        return _GatherRows.apply(x, counts, offset), offset
+    return _all_gather_rows(x.detach(), counts), offset

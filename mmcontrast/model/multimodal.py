@@ -1,0 +1,83 @@
+"""The multimodal model: open_clip's CLIP for image + text, registered towers for the rest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from mmcontrast.model.towers import create_tower
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def resolve_clip_config(spec) -> dict:
+    """An open_clip model name or an inline model config dict -> the model config dict."""
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    cfg = open_clip.get_model_config(spec)
+    if cfg is None:
+        raise ValueError(f"model.clip: unknown open_clip model {spec!r}; see open_clip.list_models()")
+    return copy.deepcopy(cfg)
+
+
+def create_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None):
+    """Build through open_clip's own factory (local-dir schema) so export and training agree.
+
+    Returns (model, train_transform, val_transform, tokenizer).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
+        (Path(tmp) / "open_clip_config.json").write_text(json.dumps(config))
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(f"local-dir:{tmp}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+    return model, train_tf, val_tf, tokenizer
+
+
+class MultimodalModel(nn.Module):
+    """Maps a batch dict {modality: tensor} to L2-normalised embeddings {modality: (b, d)}."""
+
+    def __init__(self, clip_cfg: dict, extra_towers: dict | None = None, modalities=("image", "text")):
+        super().__init__()
+        self.clip_cfg = clip_cfg
+        self.modalities = list(modalities)
+        self.clip, self.train_transform, self.val_transform, self.tokenizer = create_open_clip(clip_cfg)
+        embed_dim = clip_cfg["embed_dim"]
+        self.towers = nn.ModuleDict(
+            {m: create_tower(embed_dim, cfg) for m, cfg in (extra_towers or {}).items() if m in self.modalities}
+        )
+        self.tower_cfgs = {m: cfg for m, cfg in (extra_towers or {}).items() if m in self.modalities}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip_cfg["embed_dim"]
+
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit_scale), clamped at 100 (ln 100 on the parameter) as in CLIP."""
+        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        if modality == "image":
+            return self.clip.encode_image(x, normalize=True)
+        if modality == "text":
+            return self.clip.encode_text(x, normalize=True)
+        return self.towers[modality](x)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {m: self.encode(m, batch[m]) for m in self.modalities if m in batch}
+
+
+def build_model(model_cfg, modalities) -> MultimodalModel:
+    """From the typed ModelConfig (mmcontrast.config) and the run's modalities."""
+    clip_cfg = resolve_clip_config(model_cfg.clip)
+    extra = {"audio": model_cfg.audio} if model_cfg.audio is not None else {}
+    model = MultimodalModel(clip_cfg, extra, modalities)
+    with torch.no_grad():
+        model.clip.logit_scale.fill_(model_cfg.init_logit_scale)
+    return model

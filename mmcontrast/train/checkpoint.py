@@ -1,0 +1,100 @@
+"""Checkpoints that resume exactly and never leave a half-written latest one.
+
+Layout: RUN_DIR/checkpoints/<tag>/ holds DeepSpeed's files (model, optimizer, scheduler),
+rank<r>.pt per rank (step, RNG states, data position) and model.safetensors (full fp32 weights
+for export). RUN_DIR/checkpoints/latest names the newest complete tag; it is replaced atomically
+only after every rank has finished writing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+
+def checkpoint_root(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(run_dir) -> str | None:
+    marker = checkpoint_root(run_dir) / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Every weight of the wrapped model, gathered from ZeRO-3 partitions when needed."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    return {k: v.detach().float().cpu().contiguous().clone() for k, v in (state or {}).items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> str:
+    """Collective: every rank calls it. Returns the tag written."""
+    root = checkpoint_root(run_dir)
+    tag = f"step_{step:07d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    rank = dist.get_rank()
+    torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
+    weights = full_state_dict(engine)
+    if rank == 0:
+        save_file(weights, str(root / tag / "model.safetensors"))
+    dist.barrier()
+    if rank == 0:
+        _write_atomic(root / "latest", tag)
+        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+        for old in tags[:-keep]:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
+    """Restore model/optimizer/scheduler and this rank's RNG; returns this rank's saved state."""
+    root = checkpoint_root(run_dir)
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no checkpoint to resume from in {root} (no 'latest' marker)")
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    state_file = root / tag / f"rank{dist.get_rank()}.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"{state_file} is missing: was this checkpoint written with a different number of ranks?"
+        )
+    state = torch.load(state_file, weights_only=False)
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,150 @@
+"""The training loop: set-up, loop, evaluate, checkpoint. Details are one call away."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from mmcontrast.config import Config
+from mmcontrast.data.pipeline import make_loader
+from mmcontrast.losses import Objective
+from mmcontrast.model.multimodal import build_model
+from mmcontrast.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from mmcontrast.train.engine import build_engine, init_distributed
+from mmcontrast.train.metrics import MetricsLogger
+
+log = logging.getLogger("mmcontrast.train")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device, float_dtype) -> dict:
+    """Move tensors to the engine's device; floating inputs take the engine's dtype (bf16 runs)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype=float_dtype if value.is_floating_point() else None)
+        elif key == "present":
+            value = {m: v.to(device) for m, v in value.items()}
+        out[key] = value
+    return out
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    names = sorted(values)
+    stacked = torch.stack([values[n].float().reshape(()) for n in names])
+    dist.all_reduce(stacked)
+    return {n: v.item() / dist.get_world_size() for n, v in zip(names, stacked)}
+
+
+def skipped_over_ranks(loader) -> dict:
+    """Skipped-sample counts and keys summed over every rank (a collective call)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"counts": dict(loader.skipped), "keys": list(loader.skipped_keys)})
+    counts: dict[str, int] = {}
+    for part in gathered:
+        for reason, n in part["counts"].items():
+            counts[reason] = counts.get(reason, 0) + n
+    return {"counts": counts, "keys": sorted(k for part in gathered for k in part["keys"])}
+
+
+def evaluate_model(model, cfg: Config) -> dict:
+    """Zero-shot and retrieval metrics on the val shards (rank 0 only)."""
+    from mmcontrast.eval.run import evaluate_on_urls
+
+    model.eval()
+    try:
+        return evaluate_on_urls(model, cfg.data.val, cfg)
+    finally:
+        model.train()
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    # ---- set-up
+    rank, world, _ = init_distributed()
+    run_dir = Path(cfg.run.dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    model = build_model(cfg.model, cfg.modalities)
+    objective = Objective.from_config(cfg.loss, cfg.modalities)
+    engine = build_engine(model, cfg)
+    float_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+
+    step, data_position = 0, None
+    if resume and latest_tag(run_dir) is not None:
+        state = load_checkpoint(engine, run_dir)  # also restores this rank's RNG streams
+        step, data_position = state["step"], state["data"]
+        log.info("resumed from %s at step %d", latest_tag(run_dir), step)
+    else:
+        seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout / augmentation per rank
+
+    loader = make_loader(
+        cfg.data.train, cfg.data, image_transform=model.train_transform, tokenizer=model.tokenizer,
+        train=True, seed=cfg.run.seed, rank=rank, world_size=world, weights=cfg.data.train_weights or None,
+        position=data_position,
+    )
+    batches = iter(loader)
+    metrics = MetricsLogger(run_dir, cfg, enabled=rank == 0)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0 or not cfg.train.progress,
+               unit="step", dynamic_ncols=True)
+    samples_seen, clock = 0, time.time()
+
+    # ---- loop
+    while step < cfg.train.steps:
+        batch = to_device(next(batches), engine.device, float_dtype)
+        embeddings = engine(batch)
+        loss, parts = objective(embeddings, batch["present"], engine.module.logit_scale())
+        engine.backward(loss)
+        engine.step()
+        step += 1
+        samples_seen += len(batch["__key__"])
+        bar.update(1)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            values = mean_over_ranks({"loss": loss.detach(), **parts})
+            rate = samples_seen * world / (time.time() - clock)
+            samples_seen, clock = 0, time.time()
+            skipped = skipped_over_ranks(loader)["counts"]
+            bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.0f}")
+            metrics.log({"step": step, **values, "lr": engine.get_lr()[0],
+                         "logit_scale": engine.module.logit_scale().item(), "samples_per_s": rate,
+                         **{f"skipped/{k}": v for k, v in skipped.items()}})
+
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            if rank == 0 and cfg.data.val:
+                metrics.log({"step": step, **{f"val/{k}": v for k, v in evaluate_model(engine.module, cfg).items()}})
+            dist.barrier()
+
+        if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == cfg.train.steps:
+            save_checkpoint(engine, run_dir, step, {"data": loader.state_dict()}, cfg.train.keep_checkpoints)
+
+    # ---- evaluate and finish
+    bar.close()
+    skipped = skipped_over_ranks(loader)
+    result = {"step": step, "skipped": skipped}
+    if rank == 0:
+        (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
+        if skipped["counts"]:
+            log.warning("skipped samples: %s", skipped["counts"])
+        if cfg.data.val:
+            final = evaluate_model(engine.module, cfg)
+            metrics.log({"step": step, **{f"val/{k}": v for k, v in final.items()}})
+            result["eval"] = final
+    metrics.close()
+    dist.barrier()
+    return result

@@ -1,0 +1,58 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmcontrast.config import ConfigError, load_config
+
+
+def test_demo_config_loads_with_overrides(repo_root):
+    cfg = load_config(repo_root / "configs/demo.yaml", ["train.steps=7", "run.dir=/tmp/x", "data.val=v.tar"])
+    assert cfg.train.steps == 7 and cfg.run.dir == "/tmp/x" and cfg.data.val == "v.tar"
+    assert cfg.modalities == ["image", "text", "audio"]
+    assert cfg.data.train.startswith("demo_out/world/train-")
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.stpes=5", "train.stpes"),  # misspelt key
+        ("trian.steps=5", "trian"),
+        ("train.steps=0", "train.steps"),  # out of range
+        ("train.steps=many", "train.steps"),  # wrong type
+        ("train.precision=fp8", "train.precision"),
+        ("run.wandb=maybe", "run.wandb"),
+        ("data.fields.smell=x", "data.fields.smell"),
+        ("loss.terms=[{name: nope}]", "loss.terms[0].name"),
+        ("loss.terms=[{name: info_nce, pairs: [[image, image]]}]", "loss.terms[0].pairs"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(repo_root, override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(repo_root / "configs/demo.yaml", [override])
+    assert needle in str(err.value)
+
+
+def test_misspelt_key_suggests_the_right_one(repo_root):
+    with pytest.raises(ConfigError, match="did you mean 'steps'"):
+        load_config(repo_root / "configs/demo.yaml", ["train.stepz=5"])
+
+
+def test_yaml_file_with_bad_key_fails(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 5\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("override,needle", [("train.stpes=5", "train.stpes"), ("train.lr=-1", "train.lr")])
+def test_cli_train_refuses_before_any_work(repo_root, tmp_path, override, needle):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmcontrast.cli", "train", str(repo_root / "configs/demo.yaml"), override,
+         f"run.dir={run_dir}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert not run_dir.exists()  # nothing was started
