@@ -108,7 +108,9 @@ def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
     preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model.clip))
     _write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model.clip_cfg, "preprocess_cfg": preprocess_cfg})
 
-    clip_state = {k: v.detach().float().cpu().contiguous().clone() for k, v in model.clip.state_dict().items()}
+    clip_state = {
+        k: v.detach().float().cpu().contiguous().clone() for k, v in model.clip.state_dict().items()
+    }
     # CLIP clamps the temperature where it is used; store the value it is actually used at.
     clip_state["logit_scale"] = clip_state["logit_scale"].clamp(max=MAX_LOGIT_SCALE)
     save_file(clip_state, str(folder / OPEN_CLIP_WEIGHTS))
@@ -139,7 +141,12 @@ def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
         },
         "eval_templates": list(cfg.eval.templates),
         "logit_scale": float(clip_state["logit_scale"].exp()),
-        "source": {"run_dir": str(run_dir.resolve()), "tag": tag, "step": step_of(tag), "run_name": cfg.run.name},
+        "source": {
+            "run_dir": str(run_dir.resolve()),
+            "tag": tag,
+            "step": step_of(tag),
+            "run_name": cfg.run.name,
+        },
     }
     _write_json(folder / MMCONTRAST_CONFIG, meta)
 
@@ -211,6 +218,11 @@ class ExportedModel(nn.Module):
         return next(self.clip.parameters()).device
 
     @property
+    def val_transform(self):
+        """Alias of `preprocess`, the name MultimodalModel uses."""
+        return self.preprocess
+
+    @property
     def logit_scale(self) -> float:
         return float(self.clip.logit_scale.detach().clamp(max=MAX_LOGIT_SCALE).exp())
 
@@ -237,7 +249,9 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ExportError(f"{path} is not valid JSON ({exc}); the export is damaged, export it again") from exc
+        raise ExportError(
+            f"{path} is not valid JSON ({exc}); the export is damaged, export it again"
+        ) from exc
 
 
 def _build_tower(modality: str, spec: dict, embed_dim: int) -> nn.Module:
@@ -251,7 +265,9 @@ def _build_tower(modality: str, spec: dict, embed_dim: int) -> nn.Module:
     kind = spec.get("type", "timm_audio")
     # create_tower picks the builder from the config; refuse an export whose recorded type differs.
     if kind not in TOWERS or getattr(tower_cfg, "type", "timm_audio") != kind:
-        raise ExportError(f"{modality} tower type {kind!r} is not one this mmcontrast builds ({', '.join(TOWERS)})")
+        raise ExportError(
+            f"{modality} tower type {kind!r} is not one this mmcontrast builds ({', '.join(TOWERS)})"
+        )
     return create_tower(embed_dim, tower_cfg)
 
 
@@ -284,7 +300,9 @@ def load_exported(path, device="cpu") -> ExportedModel:
         try:
             tower.load_state_dict(load_file(str(folder / spec["weights"])), strict=True)
         except RuntimeError as exc:
-            raise ExportError(f"{folder / spec['weights']} does not fit the {modality} tower config: {exc}") from exc
+            raise ExportError(
+                f"{folder / spec['weights']} does not fit the {modality} tower config: {exc}"
+            ) from exc
         towers[modality] = tower
     model = ExportedModel(clip, towers, tokenizer, preprocess, meta).to(device)
     return model.eval()

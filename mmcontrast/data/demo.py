@@ -217,7 +217,9 @@ def _write_split(out: Path, split: str, n: int, seed: int, per_shard: int) -> li
     for shard in range(math.ceil(n / per_shard)):
         name = f"{split}-{shard:06d}.tar"
         # Fixed mtime/owner/mode: the same seed gives the same bytes.
-        with TarWriter(str(out / name), encoder=False, mtime=0.0, user="demo", group="demo", mode=0o644) as tw:
+        with TarWriter(
+            str(out / name), encoder=False, mtime=0.0, user="demo", group="demo", mode=0o644
+        ) as tw:
             for i in range(shard * per_shard, min(n, (shard + 1) * per_shard)):
                 tw.write(make_sample(f"{split}-{i:07d}", rng))
         shards.append(name)
@@ -231,7 +233,9 @@ def _brace(names: list[str]) -> str:
     return f"{prefix}-{{{0:06d}..{len(names) - 1:06d}}}.tar"
 
 
-def write_demo_world(out_dir: str | Path, n_train: int, n_val: int, seed: int = 0, samples_per_shard: int = 1000) -> dict:
+def write_demo_world(
+    out_dir: str | Path, n_train: int, n_val: int, seed: int = 0, samples_per_shard: int = 1000
+) -> dict:
     """Write train/val shards, manifest.json and classes.json under `out_dir`; return the manifest.
 
     The returned dict is the manifest plus "urls": absolute brace-expanded shard URLs per split,
@@ -278,5 +282,7 @@ def main_demo(argv: list[str] | None = None) -> dict:
     manifest = write_demo_world(a.out, a.train, a.val, a.seed, a.per_shard)
     for split in ("train", "val"):
         info = manifest["splits"][split]
-        print(f"{split}: {info['samples']} samples in {len(info['shards'])} shards: {manifest['urls'][split]}")
+        print(
+            f"{split}: {info['samples']} samples in {len(info['shards'])} shards: {manifest['urls'][split]}"
+        )
     return manifest

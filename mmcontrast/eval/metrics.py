@@ -21,12 +21,15 @@ def recall_at_k(scores: torch.Tensor, positives: torch.Tensor, ks=(1, 5)) -> dic
     scores: (q, g) similarities; positives: (q, g) bool, at least one True per row.
     """
     if scores.shape != positives.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} differ in shape")
+        raise ValueError(
+            f"scores {tuple(scores.shape)} and positives {tuple(positives.shape)} differ in shape"
+        )
     if not bool(positives.any(dim=1).all()):
         raise ValueError("every query needs at least one positive")
     best_positive = scores.masked_fill(~positives, float("-inf")).max(dim=1).values
     rank = ((scores >= best_positive[:, None]) & ~positives).sum(dim=1)
-    return {k: float((rank < k).float().mean()) for k in ks}
+    n = rank.shape[0]
+    return {k: int((rank < k).sum()) / n for k in ks}  # exact fractions, not float32 means
 
 
 def paired_recall(query: torch.Tensor, gallery: torch.Tensor, gallery_groups: torch.Tensor, ks=(1, 5)):
@@ -37,13 +40,13 @@ def paired_recall(query: torch.Tensor, gallery: torch.Tensor, gallery_groups: to
     them counts, since no model could tell them apart.
     """
     n = query.shape[0]
-    hits = {k: 0.0 for k in ks}
+    hits = {k: 0 for k in ks}
     for start in range(0, n, CHUNK):
         q = query[start : start + CHUNK]
         rows = torch.arange(start, start + q.shape[0], device=gallery_groups.device)
         positives = gallery_groups[None, :] == gallery_groups[rows][:, None]
         for k, r in recall_at_k(q @ gallery.T, positives, ks).items():
-            hits[k] += r * q.shape[0]
+            hits[k] += round(r * q.shape[0])
     return {k: v / n for k, v in hits.items()}
 
 
@@ -70,5 +73,8 @@ def class_embeddings(encode_text, tokenizer, class_names, templates, device=None
 
 def row_digests(x: torch.Tensor) -> list[bytes]:
     """A content hash per row: equal inputs give equal digests (used to group duplicate items)."""
-    flat = x.detach().reshape(x.shape[0], -1).cpu().contiguous().numpy()
+    flat = x.detach().reshape(x.shape[0], -1).cpu().contiguous()
+    if flat.dtype == torch.bfloat16:  # NumPy has no bfloat16; hash the same bits as int16
+        flat = flat.view(torch.int16)
+    flat = flat.numpy()
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]

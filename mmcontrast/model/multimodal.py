@@ -48,6 +48,9 @@ class MultimodalModel(nn.Module):
         self.clip_cfg = clip_cfg
         self.modalities = list(modalities)
         self.clip, self.train_transform, self.val_transform, self.tokenizer = create_open_clip(clip_cfg)
+        # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes: keep shape (1,)
+        # here and give open_clip its scalar back in open_clip_state_dict().
+        self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
         embed_dim = clip_cfg["embed_dim"]
         self.towers = nn.ModuleDict(
             {m: create_tower(embed_dim, cfg) for m, cfg in (extra_towers or {}).items() if m in self.modalities}
@@ -60,7 +63,13 @@ class MultimodalModel(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100 (ln 100 on the parameter) as in CLIP."""
-        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
+
+    def open_clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The CLIP part as open_clip stores it: scalar logit_scale, clamped at ln(100)."""
+        state = {k: v.detach().clone() for k, v in self.clip.state_dict().items()}
+        state["logit_scale"] = state["logit_scale"].reshape(()).clamp(max=MAX_LOGIT_SCALE)
+        return state
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         if modality == "image":

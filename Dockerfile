@@ -1,0 +1,43 @@
+# mmcontrast on a GPU node: `docker run --gpus all IMAGE train --config configs/demo.yaml`.
+# CUDA 13 runtime + cuDNN 9, matching the CUDA 13 torch wheels pinned in constraints.txt (they bring
+# their own CUDA libraries; the base image supplies the matching user-space stack and driver hooks).
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# Ubuntu 24.04's Python 3.12 (the pinned numpy/scipy need >= 3.11). Versions are not pinned here:
+# the base tag fixes the Ubuntu release, and exact Debian versions leave its archive with every
+# security update, which would break the build; what matters is pinned by constraints.txt.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VIRTUAL_ENV"
+
+WORKDIR /opt/mmcontrast
+# Packaging files first, then the package: editing tests, configs or docs does not reinstall.
+COPY setup.cfg pyproject.toml constraints.txt README.md ./
+COPY mmcontrast ./mmcontrast
+RUN pip install --no-cache-dir -c constraints.txt . \
+    && mmcontrast --help > /dev/null
+
+COPY configs ./configs
+COPY launch ./launch
+
+# Runs as an unprivileged user, named by number so any runtime can resolve it (uid 1000 is
+# Ubuntu 24.04's own "ubuntu" user).
+RUN groupadd --gid 10001 mmcontrast \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /bin/bash mmcontrast \
+    && mkdir -p /work \
+    && chown 10001:10001 /work
+USER 10001:10001
+WORKDIR /work
+
+ENTRYPOINT ["mmcontrast"]
+CMD ["--help"]

@@ -1,0 +1,635 @@
+"""WebDataset shards -> decoded, batched, resumable multimodal batches.
+
+Entry point: `make_loader(urls, cfg, image_transform=..., tokenizer=..., train=...)` -> ShardLoader.
+
+Iteration
+    train=True:  `it = iter(loader); batch = next(it)` yields batches forever, moving to the next
+                 epoch by itself (`loader.epoch`). Each `iter()` continues from the loader's
+                 current position. In resampled mode an "epoch" is a round of
+                 ceil(shards / (ranks * workers)) shard draws per worker, so that resuming never
+                 replays more than one such round.
+    train=False: each `iter()` is one fixed-order pass over the data (no shuffle, partial batches
+                 kept); `loader.skipped` then holds that pass's counts.
+
+Batch: {"image": (b,3,H,W) float, "text": (b,L) long, "audio": (b,T) float,
+        "present": {m: (b,) bool}, "__key__": [str], "__url__": [str], "meta": [dict | None],
+        "skipped": {reason: n}, "skipped_keys": [str], "position": {...}}
+with only the modalities of cfg.fields. A sample lacking an image or audio field is kept with
+present[m] False and zeros in its place; lacking text, or left with fewer than two modalities, it
+is skipped. Corrupt samples are skipped, never raised. Skip reasons: bad_image, bad_audio,
+bad_caption (not utf-8 / tokenizer failed), empty_caption, missing_caption, too_few_modalities,
+truncated_tar (the sample a cut tar ended in; its key, else the shard URL), bad_shard (unopenable
+or not a tar; the URL). `loader.skipped` / `loader.skipped_keys` total what the consumed batches
+(and each worker's end-of-epoch marker, which carries skips after its last batch) reported.
+
+Exact resume. The data of one epoch is split into `roles`, one per DataLoader worker (workers=0:
+one role, in process). A role's stream is a pure function of (seed, epoch, rank, role): its shard
+list (train: shuffled with (seed, epoch) before the rank/role split; resampled: drawn with
+replacement by a seeded RNG), the weighted mix of "::" sources, and a seeded shuffle buffer over the
+*undecoded* samples. Decoding happens after the shuffle, and a role counts the events it has taken
+from that stream (samples, including skipped ones, plus tar-level skip records). Every batch
+reports (epoch, role, offset); each role ends its epoch with a marker item, so the loader knows
+which roles are done. DataLoader(batch_size=None) hands out items round robin over live workers in
+worker order, so the output order is fixed. `state_dict()` records offsets, done roles and the role
+due next; a loader built with `position=` replays each role's stream up to its offset *without
+decoding*, and worker w plays role (w + next_role) % roles, so the round robin continues exactly
+where the interrupted run stopped. Random audio crops are seeded per (seed, epoch, rank, role,
+event index), so they replay too.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+import tarfile
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+from mmcontrast.config import MODALITIES, DataConfig
+from mmcontrast.data.audio import decode_audio
+
+log = logging.getLogger(__name__)
+
+POSITION_VERSION = 1
+
+
+class _Skip(NamedTuple):
+    """A stream event for something that could not become a sample."""
+
+    reason: str
+    key: str
+
+
+# ---------------------------------------------------------------- urls
+
+
+def _is_local(url: str) -> bool:
+    return not url.startswith("pipe:") and "://" not in url
+
+
+def expand_sources(urls: str) -> list[list[str]]:
+    """Split "::"-joined sources and brace/glob-expand each; check local shards exist."""
+    if not urls or not urls.strip():
+        raise ValueError("no shard URLs given (data.train / data.val is empty)")
+    sources = []
+    for spec in urls.split("::"):
+        spec = spec.strip()
+        shards: list[str] = []
+        for url in expand_urls(spec):
+            path = url[5:] if url.startswith("file:") else url
+            if _is_local(url) and glob.has_magic(path):
+                shards.extend(sorted(glob.glob(path)))
+            else:
+                shards.append(url)
+        if not shards:
+            raise ValueError(f"no shards match {spec!r}")
+        missing = [
+            u for u in shards if _is_local(u) and not os.path.exists(u[5:] if u.startswith("file:") else u)
+        ]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ValueError(
+                f"{len(missing)} of the {len(shards)} shards of {spec!r} do not exist: {missing[:3]}{more}"
+            )
+        sources.append(shards)
+    return sources
+
+
+# ---------------------------------------------------------------- raw stream
+
+
+def _tar_events(url: str) -> Iterator[dict | _Skip]:
+    """Samples (dicts of raw bytes by extension) of one shard, plus skip records.
+
+    Hand-rolled rather than webdataset's tar_file_expander + group_by_keys: on a truncated member
+    those pass the incomplete sample on as if it were whole, and do not say which one it was.
+    """
+    try:
+        stream = gopen(url)
+    except Exception as exc:
+        log.warning("cannot open shard %s: %s", url, exc)
+        yield _Skip("bad_shard", url)
+        return
+    group: dict | None = None
+    pending: str | None = None  # member whose header was read but not yet its data
+    truncated = False
+    try:
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r|*")
+        except Exception as exc:
+            log.warning("shard %s is not a readable tar: %s", url, exc)
+            yield _Skip("bad_shard", url)
+            return
+        try:
+            for info in tf:
+                pending = info.name
+                key, ext = base_plus_ext(info.name)
+                if not info.isreg() or key is None or os.path.basename(info.name).startswith("__"):
+                    pending = None
+                    continue
+                data = tf.extractfile(info).read()
+                pending = None
+                tf.members = []  # stream mode would otherwise keep every header of the shard
+                if group is not None and group["__key__"] != key:
+                    yield group
+                    group = None
+                if group is None:
+                    group = {"__key__": key, "__url__": url}
+                group[ext.lower()] = data
+            # tarfile stops quietly when the stream ends inside a header; a real end reads a full
+            # zero block at the current offset.
+            pos = getattr(tf.fileobj, "pos", None)
+            truncated = pos is not None and pos - tf.offset < tarfile.BLOCKSIZE
+        except Exception as exc:
+            log.warning("shard %s is truncated or corrupt: %s", url, exc)
+            truncated = True
+        if truncated:
+            cut_key = base_plus_ext(pending)[0] if pending else None
+            if group is not None and cut_key is not None and cut_key != group["__key__"]:
+                yield group  # the cut member starts a new sample; the previous one is whole
+                group = None
+            known = cut_key or (group["__key__"] if group is not None else None)
+            group = None
+            yield _Skip("truncated_tar", known or url)
+        elif group is not None:
+            yield group
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe closed early exits with SIGPIPE; its data is already judged
+            pass
+
+
+def _source_events(shards: list[str]) -> Iterator[dict | _Skip]:
+    for url in shards:
+        yield from _tar_events(url)
+
+
+def _mix(
+    streams: list[Iterator], weights: list[float], rng: random.Random, stop_at_first: bool
+) -> Iterator[dict | _Skip]:
+    """Draw each next event from a source chosen with probability ~ weight."""
+    active = list(range(len(streams)))
+    try:
+        while active:
+            (s,) = rng.choices(active, weights=[weights[i] for i in active])
+            ev = next(streams[s], None)
+            if ev is None:
+                if stop_at_first:  # resampled: keep the mix ratio; the next round starts afresh
+                    return
+                active.remove(s)
+                continue
+            yield ev
+    finally:
+        for st in streams:
+            st.close()
+
+
+def _shuffle(events: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Seeded shuffle buffer; skip records pass straight through (they carry no data)."""
+    buf: list = []
+    for ev in events:
+        if isinstance(ev, _Skip):
+            yield ev
+        elif len(buf) < size:
+            buf.append(ev)
+        else:
+            i = rng.randrange(size)
+            yield buf[i]
+            buf[i] = ev
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _rng(*parts: Any) -> random.Random:
+    # str seeds go through sha512: the same in every process, unlike hash().
+    return random.Random("/".join(map(str, parts)))
+
+
+def _seed_int(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------- worker side
+
+
+class _RoleStream(IterableDataset):
+    """What each DataLoader worker runs: one role's events -> decoded batches + end marker."""
+
+    def __init__(
+        self,
+        sources: list[list[str]],
+        weights: list[float],
+        cfg: DataConfig,
+        image_transform: Callable | None,
+        tokenizer: Callable | None,
+        train: bool,
+        resampled: bool,
+        seed: int,
+        rank: int,
+        world_size: int,
+        roles: int,
+        batch_size: int,
+    ):
+        super().__init__()
+        self.sources, self.weights = sources, weights
+        self.modalities = [m for m in MODALITIES if m in cfg.fields]
+        self.fields = {
+            m: [f.strip().lower() for f in cfg.fields[m].split(";") if f.strip()] for m in self.modalities
+        }
+        self.sample_rate = cfg.audio_sample_rate
+        self.num_samples = round(cfg.audio_seconds * cfg.audio_sample_rate)
+        self.shuffle_buffer = cfg.shuffle_buffer if train else 0
+        self.image_transform, self.tokenizer = image_transform, tokenizer
+        self.train, self.resampled = train, resampled
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.roles, self.batch_size = roles, batch_size
+        # set per epoch by ShardLoader before workers start
+        self.epoch, self.rotation = 0, 0
+        self.offsets, self.done = [0] * roles, [False] * roles
+        self._image_shape: tuple | None = None
+
+    # -- which shards a role reads
+
+    def role_shards(self, source: int, role: int) -> list[str]:
+        urls = self.sources[source]
+        if self.resampled:
+            rng = _rng(self.seed, self.epoch, self.rank, role, "resample", source)
+            k = max(1, math.ceil(len(urls) / (self.world_size * self.roles)))
+            return [rng.choice(urls) for _ in range(k)]
+        urls = list(urls)
+        if self.train:  # same permutation on every rank, so the rank split stays disjoint
+            _rng(self.seed, self.epoch, "shards", source).shuffle(urls)
+        return urls[self.rank :: self.world_size][role :: self.roles]
+
+    def events(self, role: int) -> Iterator[dict | _Skip]:
+        streams = [_source_events(self.role_shards(s, role)) for s in range(len(self.sources))]
+        if len(streams) == 1:
+            ev = streams[0]
+        else:
+            mix_rng = _rng(self.seed, self.epoch, self.rank, role, "mix")
+            ev = _mix(streams, self.weights, mix_rng, stop_at_first=self.resampled)
+        if self.shuffle_buffer > 1:
+            ev = _shuffle(ev, self.shuffle_buffer, _rng(self.seed, self.epoch, self.rank, role, "shuffle"))
+        return ev
+
+    # -- decoding
+
+    def _field(self, raw: dict, modality: str) -> str | None:
+        return next((f for f in self.fields[modality] if f in raw), None)
+
+    def decode(self, raw: dict, role: int, index: int) -> tuple[dict | None, str | None]:
+        """(sample, None) or (None, skip reason)."""
+        fields = {m: self._field(raw, m) for m in self.modalities}
+        if "text" in fields and fields["text"] is None:
+            return None, "missing_caption"
+        if sum(f is not None for f in fields.values()) < 2:
+            return None, "too_few_modalities"
+        out: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw.get("__url__", "")}
+        if fields.get("text"):
+            try:
+                caption = raw[fields["text"]].decode("utf-8").strip()
+            except UnicodeDecodeError:
+                return None, "bad_caption"
+            if not caption:
+                return None, "empty_caption"
+            try:
+                out["text"] = self.tokenizer([caption])[0]
+            except Exception:
+                return None, "bad_caption"
+        if fields.get("image"):
+            try:
+                with Image.open(io.BytesIO(raw[fields["image"]])) as im:
+                    out["image"] = self.image_transform(im.convert("RGB"))
+                self._image_shape = tuple(out["image"].shape)
+            except Exception:
+                return None, "bad_image"
+        if fields.get("audio"):
+            gen = None
+            if self.train:
+                gen = torch.Generator().manual_seed(_seed_int(self.seed, self.epoch, self.rank, role, index))
+            try:
+                out["audio"] = decode_audio(
+                    raw[fields["audio"]], self.sample_rate, self.num_samples, generator=gen
+                )
+            except Exception:
+                return None, "bad_audio"
+        meta = None
+        if "json" in raw:
+            try:
+                meta = json.loads(raw["json"])
+            except ValueError:
+                meta = None  # metadata is optional; a bad one does not cost the sample
+        out["meta"] = meta
+        return out, None
+
+    def _zeros(self, modality: str) -> torch.Tensor:
+        if modality == "audio":
+            return torch.zeros(self.num_samples)
+        if modality == "image":
+            if self._image_shape is None:  # no image decoded yet in this worker: ask the transform
+                self._image_shape = tuple(self.image_transform(Image.new("RGB", (224, 224))).shape)
+            return torch.zeros(self._image_shape)
+        return torch.zeros_like(self.tokenizer([""])[0])
+
+    def collate(self, samples: list[dict]) -> dict:
+        batch: dict[str, Any] = {"present": {}}
+        for m in self.modalities:
+            present = [m in s for s in samples]
+            ref = next((s[m] for s in samples if m in s), None)
+            zeros = torch.zeros_like(ref) if ref is not None else self._zeros(m)
+            batch[m] = torch.stack([s.get(m, zeros) for s in samples])
+            batch["present"][m] = torch.tensor(present, dtype=torch.bool)
+        batch["__key__"] = [s["__key__"] for s in samples]
+        batch["__url__"] = [s["__url__"] for s in samples]
+        batch["meta"] = [s["meta"] for s in samples]
+        return batch
+
+    # -- the role's loop
+
+    def role_items(self, role: int, start: int) -> Iterator[dict]:
+        samples: list[dict] = []
+        skipped: dict[str, int] = {}
+        skipped_keys: list[str] = []
+
+        def emit(item: dict, offset: int) -> dict:
+            nonlocal skipped, skipped_keys
+            item["skipped"], item["skipped_keys"] = skipped, skipped_keys
+            item["position"] = {"epoch": self.epoch, "rank": self.rank, "role": role, "offset": offset}
+            skipped, skipped_keys = {}, []
+            return item
+
+        count = 0
+        for index, ev in enumerate(self.events(role)):
+            count = index + 1
+            if index < start:  # replay to the resume point without decoding
+                continue
+            if isinstance(ev, _Skip):
+                sample, reason, key = None, ev.reason, ev.key
+            else:
+                sample, reason = self.decode(ev, role, index)
+                key = ev["__key__"]
+            if sample is None:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                skipped_keys.append(key)
+                continue
+            samples.append(sample)
+            if len(samples) == self.batch_size:
+                yield emit(self.collate(samples), count)
+                samples = []
+        count = max(count, start)
+        if samples and not self.train:  # training drops the partial batch, evaluation keeps it
+            yield emit(self.collate(samples), count)
+        yield emit({"__end__": True}, count)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        role = (worker + self.rotation) % self.roles
+        if self.done[role]:
+            return
+        yield from self.role_items(role, self.offsets[role])
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+# ---------------------------------------------------------------- main-process side
+
+
+class ShardLoader:
+    """Iterable of batches with skip totals and an exact, checkpointable position.
+
+    Attributes: `epoch` (current epoch), `skipped` ({reason: count}) and `skipped_keys` (keys, or
+    shard URLs where no key is known) over the batches handed out, `roles` (worker streams).
+    Methods: `state_dict()` / `load_state_dict(d)`; `make_loader(..., position=d)` does the latter.
+    """
+
+    def __init__(self, stream: _RoleStream, workers: int, position: dict | None = None):
+        self.stream = stream
+        self.workers = workers
+        self.roles = stream.roles
+        self.train = stream.train
+        self.skipped: dict[str, int] = {}
+        self.skipped_keys: list[str] = []
+        self._warned: set[str] = set()
+        self._new_epoch(0)
+        if position is not None:
+            self.load_state_dict(position)
+
+    def _new_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._offsets = [0] * self.roles
+        self._done = [False] * self.roles
+        self._last_role = -1
+        self._batches = 0
+
+    def _next_role(self) -> int:
+        for k in range(1, self.roles + 1):
+            r = (self._last_role + k) % self.roles
+            if not self._done[r]:
+                return r
+        return 0
+
+    # -- position
+
+    def _identity_fields(self) -> dict:
+        s = self.stream
+        return {
+            "roles": self.roles,
+            "rank": s.rank,
+            "world_size": s.world_size,
+            "seed": s.seed,
+            "resampled": s.resampled,
+        }
+
+    def _fingerprint(self) -> str:
+        s = self.stream
+        what = [s.sources, s.weights, s.fields, s.shuffle_buffer, s.batch_size, s.num_samples]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict:
+        """Position after the last batch handed out (plain JSON-able data)."""
+        return {
+            "version": POSITION_VERSION,
+            **self._identity_fields(),
+            "fingerprint": self._fingerprint(),
+            "epoch": self.epoch,
+            "batches": self._batches,
+            "offsets": list(self._offsets),
+            "done": list(self._done),
+            "next_role": self._next_role(),
+            "skipped": dict(self.skipped),
+        }
+
+    def load_state_dict(self, position: dict) -> None:
+        if not self.train:
+            raise ValueError("a data position can only be restored into a train loader (train=True)")
+        if position.get("version") != POSITION_VERSION:
+            raise ValueError(
+                f"data position version {position.get('version')!r}; this code reads {POSITION_VERSION}"
+            )
+        for k, v in self._identity_fields().items():
+            if position.get(k) != v:
+                hint = " (data.workers must match the run being resumed)" if k == "roles" else ""
+                raise ValueError(
+                    f"cannot resume data position: it was saved with {k}={position.get(k)!r}, now {v!r}{hint}"
+                )
+        if position.get("fingerprint") != self._fingerprint():
+            log.warning(
+                "resuming data position with other shards, weights, fields, batch size or shuffle "
+                "buffer than it was saved with: the order continues, but not exactly"
+            )
+        self._new_epoch(int(position["epoch"]))
+        self._offsets = [int(x) for x in position["offsets"]]
+        self._done = [bool(x) for x in position["done"]]
+        self._last_role = (int(position["next_role"]) - 1) % self.roles
+        self._batches = int(position["batches"])
+        self.skipped = {str(k): int(v) for k, v in position.get("skipped", {}).items()}
+
+    # -- iteration
+
+    def _items(self) -> Iterator[dict]:
+        s = self.stream
+        s.epoch, s.rotation = self.epoch, self._next_role()
+        s.offsets, s.done = list(self._offsets), list(self._done)
+        if self.workers == 0:
+            return iter(s)
+        loader = DataLoader(
+            s,
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_identity,
+            # own generator: creating the loader must not draw from the trainer's global RNG
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        return iter(loader)
+
+    def _run_epoch(self) -> Iterator[dict]:
+        for item in self._items():
+            pos = item["position"]
+            role = pos["role"]
+            self._offsets[role] = pos["offset"]
+            self._last_role = role
+            for reason, n in item["skipped"].items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+                if reason not in self._warned:
+                    self._warned.add(reason)
+                    log.warning(
+                        "skipping samples (%s), e.g. %s; totals in loader.skipped",
+                        reason,
+                        item["skipped_keys"][:3],
+                    )
+            self.skipped_keys.extend(item["skipped_keys"])
+            if item.get("__end__"):
+                self._done[role] = True
+                continue
+            self._batches += 1
+            yield item
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.train:
+            self._new_epoch(0)
+            self.skipped, self.skipped_keys = {}, []
+            yield from self._run_epoch()
+            return
+        while True:
+            fresh = not any(self._offsets) and not any(self._done)
+            n = 0
+            for batch in self._run_epoch():
+                n += 1
+                yield batch
+            if fresh and n == 0:
+                raise RuntimeError(
+                    f"epoch {self.epoch} produced no batch: every worker had fewer than batch_size="
+                    f"{self.stream.batch_size} good samples (skipped so far: {self.skipped}); lower "
+                    "data.batch_size or data.workers, or check the shards"
+                )
+            self._new_epoch(self.epoch + 1)
+
+
+def make_loader(
+    urls: str,
+    cfg: DataConfig,
+    *,
+    image_transform: Callable | None,
+    tokenizer: Callable | None,
+    train: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    weights: list[float] | None = None,
+    position: dict | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+) -> ShardLoader:
+    """Build the loader for one rank. See the module docstring for iteration and resume.
+
+    urls: brace-expanded shard URLs (local paths, globs, `pipe:` commands, http...), several
+    sources joined with "::" and mixed by `weights` (default cfg.train_weights for train, else
+    equal). Eval loaders never resample and cap their workers at this rank's shard count.
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    modalities = [m for m in MODALITIES if m in cfg.fields]
+    if "image" in modalities and image_transform is None:
+        raise ValueError("data.fields has image but no image_transform was given")
+    if "text" in modalities and tokenizer is None:
+        raise ValueError("data.fields has text but no tokenizer was given")
+    sources = expand_sources(urls)
+    if weights is None:
+        weights = list(cfg.train_weights) if train and cfg.train_weights else [1.0] * len(sources)
+    if len(weights) != len(sources) or any(w <= 0 for w in weights):
+        raise ValueError(
+            f"need {len(sources)} positive weights, one per '::'-separated source, got {weights}"
+        )
+    batch_size = cfg.batch_size if batch_size is None else batch_size
+    workers = cfg.workers if workers is None else workers
+    if batch_size < 1 or workers < 0:
+        raise ValueError(f"need batch_size >= 1 and workers >= 0, got {batch_size} and {workers}")
+    resampled = cfg.resampled and train
+    if not resampled:
+        for spec, shards in zip(urls.split("::"), sources, strict=True):
+            n = len(shards[rank::world_size])
+            need = max(1, workers)
+            if n >= need:
+                continue
+            if not train and n > 0:
+                workers = min(workers, n)  # evaluation: fewer workers, same data
+                continue
+            raise ValueError(
+                f"{spec.strip()!r} has {len(shards)} shards; split over {world_size} rank(s) this rank gets "
+                f"{n}, fewer than its {need} data worker(s), and every worker needs at least one shard. "
+                "Lower data.workers, write more (smaller) shards, or set data.resampled=true."
+            )
+    stream = _RoleStream(
+        sources,
+        [float(w) for w in weights],
+        cfg,
+        image_transform,
+        tokenizer,
+        train=train,
+        resampled=resampled,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        roles=max(1, workers),
+        batch_size=batch_size,
+    )
+    if position is not None and not train:
+        raise ValueError("position= is for train loaders; eval loaders always make one full pass")
+    return ShardLoader(stream, workers, position)
