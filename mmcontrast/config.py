@@ -102,9 +102,7 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = 256
-    templates: list[str] = field(
-        default_factory=lambda: ["a {}.", "a photo of a {}.", "the sound of a {}."]
-    )
+    templates: list[str] = field(default_factory=lambda: ["a {}.", "a photo of a {}.", "the sound of a {}."])
 
 
 @dataclass
@@ -194,9 +192,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(
-                f"unknown config key '{full}'{hint}; allowed keys here: {', '.join(names)}"
-            )
+            raise ConfigError(f"unknown config key '{full}'{hint}; allowed keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -221,7 +217,12 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"0 <= min_lr <= train.lr ({t.lr})")
     _check(t.warmup >= 0, "train.warmup", t.warmup, "an integer >= 0")
     _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "two numbers in [0, 1)")
+    _check(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        "train.betas",
+        t.betas,
+        "two numbers in [0, 1)",
+    )
     _check(t.eps > 0, "train.eps", t.eps, "a number > 0")
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables)")
     _check(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32, bf16")
@@ -247,12 +248,22 @@ def validate(cfg: Config) -> Config:
             f"{n_sources} positive weights, one per '::'-separated source in data.train",
         )
     if "audio" in cfg.modalities:
-        _check(cfg.model.audio is not None, "model.audio", None, "an audio tower config when data.fields has audio")
+        _check(
+            cfg.model.audio is not None,
+            "model.audio",
+            None,
+            "an audio tower config when data.fields has audio",
+        )
     if cfg.model.audio is not None:
         a = cfg.model.audio
         _check(a.n_mels >= 8, "model.audio.n_mels", a.n_mels, "an integer >= 8")
         _check(0 < a.hop_length <= a.n_fft, "model.audio.hop_length", a.hop_length, f"1..n_fft ({a.n_fft})")
-    _check(isinstance(cfg.model.clip, (str, dict)), "model.clip", cfg.model.clip, "an open_clip model name or config dict")
+    _check(
+        isinstance(cfg.model.clip, (str, dict)),
+        "model.clip",
+        cfg.model.clip,
+        "an open_clip model name or config dict",
+    )
     _check(len(cfg.loss.terms) >= 1, "loss.terms", cfg.loss.terms, "at least one objective term")
     for i, term in enumerate(cfg.loss.terms):
         _check(term.name in TERMS, f"loss.terms[{i}].name", term.name, ", ".join(sorted(TERMS)))
@@ -276,7 +287,12 @@ def resolve_pairs(spec: Any, modalities: list[str]) -> list[tuple[str, str]]:
     if isinstance(spec, list) and spec:
         pairs = []
         for p in spec:
-            if not (isinstance(p, (list, tuple)) and len(p) == 2 and p[0] != p[1] and all(m in modalities for m in p)):
+            if not (
+                isinstance(p, (list, tuple))
+                and len(p) == 2
+                and p[0] != p[1]
+                and all(m in modalities for m in p)
+            ):
                 raise ConfigError(f"bad pair {p!r}; each pair is two different modalities of {modalities}")
             pairs.append((p[0], p[1]))
         return pairs

@@ -108,11 +108,8 @@ def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
     preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model.clip))
     _write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model.clip_cfg, "preprocess_cfg": preprocess_cfg})
 
-    clip_state = {
-        k: v.detach().float().cpu().contiguous().clone() for k, v in model.clip.state_dict().items()
-    }
-    # CLIP clamps the temperature where it is used; store the value it is actually used at.
-    clip_state["logit_scale"] = clip_state["logit_scale"].clamp(max=MAX_LOGIT_SCALE)
+    # Scalar logit_scale clamped at ln(100): the value CLIP actually uses.
+    clip_state = {k: v.float().cpu().contiguous() for k, v in model.open_clip_state_dict().items()}
     save_file(clip_state, str(folder / OPEN_CLIP_WEIGHTS))
 
     towers = {}

@@ -49,9 +49,18 @@ def test_yaml_file_with_bad_key_fails(tmp_path):
 def test_cli_train_refuses_before_any_work(repo_root, tmp_path, override, needle):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "mmcontrast.cli", "train", str(repo_root / "configs/demo.yaml"), override,
-         f"run.dir={run_dir}"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "mmcontrast.cli",
+            "train",
+            str(repo_root / "configs/demo.yaml"),
+            override,
+            f"run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert needle in proc.stderr

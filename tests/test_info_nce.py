@@ -14,7 +14,9 @@ torch.set_default_dtype(torch.float32)
 
 def _pair(n, d, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g), dim=1), F.normalize(torch.randn(n, d, generator=g), dim=1)
+    return F.normalize(torch.randn(n, d, generator=g), dim=1), F.normalize(
+        torch.randn(n, d, generator=g), dim=1
+    )
 
 
 @pytest.mark.parametrize("n,d", [(1, 16), (7, 32), (64, 128)])
@@ -37,7 +39,10 @@ def _dense_reference(a, b, scale, valid, eps):
     a, b = a[valid], b[valid]
     logits = scale * a @ b.T
     labels = torch.arange(len(a))
-    return 0.5 * (F.cross_entropy(logits, labels, label_smoothing=eps) + F.cross_entropy(logits.T, labels, label_smoothing=eps))
+    return 0.5 * (
+        F.cross_entropy(logits, labels, label_smoothing=eps)
+        + F.cross_entropy(logits.T, labels, label_smoothing=eps)
+    )
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
@@ -92,7 +97,9 @@ def _loss_and_grads(rank, world, sizes):
     x = {m: v[lo:hi] for m, v in x.items()}
     present = {m: v[lo:hi] for m, v in present.items()}
     model = _Towers()
-    objective = Objective.from_config(type("L", (), {"terms": [TermConfig(pairs="all")]})(), ["image", "text", "audio"])
+    objective = Objective.from_config(
+        type("L", (), {"terms": [TermConfig(pairs="all")]})(), ["image", "text", "audio"]
+    )
     loss, _ = objective(model(x), present, model.logit_scale.exp())
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 # Tiny towers so a step takes milliseconds; the code path is the demo's.
 TINY = [
-    "model.clip={embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 32, head_width: 16, patch_size: 8},"
+    "model.clip={embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 32, head_width: 16, patch_size: 8, patch_dropout: 0.3},"
     " text_cfg: {context_length: 16, vocab_size: 49408, width: 32, heads: 2, layers: 1}}",
     "model.audio.backbone=resnet10t",
     "model.audio.n_mels=32",
@@ -36,14 +36,24 @@ def world(tmp_path_factory) -> Path:
 
 
 def _overrides(world: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [*TINY, f"data.train={world}/train-{{000000..000003}}.tar", f"data.val={world}/val-{{000000..000001}}.tar",
-            f"run.dir={run_dir}", *extra]
+    return [
+        *TINY,
+        f"data.train={world}/train-{{000000..000003}}.tar",
+        f"data.val={world}/val-{{000000..000001}}.tar",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def _train_cmd(repo_root, overrides, resume=False):
-    return [sys.executable, "-m", "mmcontrast.cli", "train", str(repo_root / "configs/demo.yaml"), *overrides] + (
-        ["--resume"] if resume else []
-    )
+    return [
+        sys.executable,
+        "-m",
+        "mmcontrast.cli",
+        "train",
+        str(repo_root / "configs/demo.yaml"),
+        *overrides,
+    ] + (["--resume"] if resume else [])
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -74,7 +84,9 @@ def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world
     saved_step = int(saved_tag.split("_")[1])
     assert saved_step < steps
 
-    subprocess.run(_train_cmd(repo_root, _overrides(world, killed, *extra), resume=True), check=True, timeout=600)
+    subprocess.run(
+        _train_cmd(repo_root, _overrides(world, killed, *extra), resume=True), check=True, timeout=600
+    )
     ref, res = _train_losses(reference), _train_losses(killed)
     assert max(res) == steps
     resumed_steps = sorted(s for s in res if s > saved_step)
@@ -89,15 +101,30 @@ def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world
 
 def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path):
     run_dir = tmp_path / "ddp"
-    env = {**os.environ, "NPROC_PER_NODE": "2", "MASTER_PORT": str(29400 + os.getpid() % 500),
-           "PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "NPROC_PER_NODE": "2",
+        "MASTER_PORT": str(29400 + os.getpid() % 500),
+        "PYTHON": sys.executable,
+    }
     extra = ["train.steps=6", "train.checkpoint_every=3", "data.workers=1"]
-    subprocess.run(["bash", str(repo_root / "launch/torchrun.sh"), str(repo_root / "configs/demo.yaml"),
-                    *_overrides(world, run_dir, *extra)], check=True, timeout=600, env=env)
+    subprocess.run(
+        [
+            "bash",
+            str(repo_root / "launch/torchrun.sh"),
+            str(repo_root / "configs/demo.yaml"),
+            *_overrides(world, run_dir, *extra),
+        ],
+        check=True,
+        timeout=600,
+        env=env,
+    )
     losses = _train_losses(run_dir)
     assert sorted(losses) == list(range(1, 7))
     assert all(r["loss"] == r["loss"] for r in losses.values())  # finite
     tag = run_dir / "checkpoints" / "step_0000006"
-    assert (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists() and (tag / "model.safetensors").exists()
+    assert (
+        (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists() and (tag / "model.safetensors").exists()
+    )
     final = [r for r in _metrics(run_dir) if "val/zeroshot/image/top1" in r]
     assert final, "final evaluation missing from metrics"

@@ -313,7 +313,7 @@ class _RoleStream(IterableDataset):
         if fields.get("image"):
             try:
                 with Image.open(io.BytesIO(raw[fields["image"]])) as im:
-                    out["image"] = self.image_transform(im.convert("RGB"))
+                    out["image"] = self._transform_image(im.convert("RGB"), role, index)
                 self._image_shape = tuple(out["image"].shape)
             except Exception:
                 return None, "bad_image"
@@ -335,6 +335,15 @@ class _RoleStream(IterableDataset):
                 meta = None  # metadata is optional; a bad one does not cost the sample
         out["meta"] = meta
         return out, None
+
+    def _transform_image(self, image: Image.Image, role: int, index: int) -> torch.Tensor:
+        if not self.train:
+            return self.image_transform(image)
+        # Augmentations draw from torch's global RNG: seed it per sample (in a forked state) so a
+        # resumed run replays the same crops whatever the worker's RNG history.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed_int(self.seed, self.epoch, self.rank, role, index, "image"))
+            return self.image_transform(image)
 
     def _zeros(self, modality: str) -> torch.Tensor:
         if modality == "audio":

@@ -30,7 +30,7 @@ def _all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:c] for p, c in zip(parts, counts)], dim=0)
+    return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)], dim=0)
 
 
 class _GatherRows(torch.autograd.Function):

@@ -6,7 +6,7 @@ callable `term(embeddings, present, logit_scale) -> scalar` on local rows; see l
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 TERMS: dict[str, Callable] = {}
 

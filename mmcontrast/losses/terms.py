@@ -16,8 +16,9 @@ def info_nce_term(pairs, label_smoothing: float = 0.0):
         parts = {}
         for a, b in pairs:
             valid = present[a] & present[b]
-            parts[f"{a}-{b}"] = info_nce(embeddings[a], embeddings[b], logit_scale, valid=valid,
-                                         label_smoothing=label_smoothing)
+            parts[f"{a}-{b}"] = info_nce(
+                embeddings[a], embeddings[b], logit_scale, valid=valid, label_smoothing=label_smoothing
+            )
         return parts
 
     return term
@@ -30,7 +31,7 @@ class Objective:
         self.terms = terms  # (name, weight, term callable)
 
     @classmethod
-    def from_config(cls, loss_cfg, modalities) -> "Objective":
+    def from_config(cls, loss_cfg, modalities) -> Objective:
         from mmcontrast.config import resolve_pairs
 
         built = []

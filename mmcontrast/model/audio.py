@@ -41,7 +41,9 @@ class LogMel(nn.Module):
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         out_dtype = wave.dtype
         # stft and the log need float32 even when the backbone runs in bf16
-        spec = torch.stft(wave.float(), self.n_fft, self.hop_length, window=self.window.float(), return_complex=True)
+        spec = torch.stft(
+            wave.float(), self.n_fft, self.hop_length, window=self.window.float(), return_complex=True
+        )
         power = spec.abs().pow(2).transpose(1, 2)  # (b, frames, freq)
         mel = torch.log(power @ self.filters.float() + 1e-6).transpose(1, 2)  # (b, n_mels, frames)
         mel = (mel - mel.mean(dim=(1, 2), keepdim=True)) / (mel.std(dim=(1, 2), keepdim=True) + 1e-5)
@@ -51,8 +53,16 @@ class LogMel(nn.Module):
 class AudioTower(nn.Module):
     """(b, T) waveform -> (b, embed_dim) L2-normalised embedding."""
 
-    def __init__(self, embed_dim: int, backbone: str, sample_rate: int, n_fft: int, hop_length: int,
-                 n_mels: int, backbone_kwargs: dict | None = None):
+    def __init__(
+        self,
+        embed_dim: int,
+        backbone: str,
+        sample_rate: int,
+        n_fft: int,
+        hop_length: int,
+        n_mels: int,
+        backbone_kwargs: dict | None = None,
+    ):
         super().__init__()
         self.frontend = LogMel(sample_rate, n_fft, hop_length, n_mels)
         # pretrained=False: nothing may download weights at run time.

@@ -53,7 +53,11 @@ class MultimodalModel(nn.Module):
         self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
         embed_dim = clip_cfg["embed_dim"]
         self.towers = nn.ModuleDict(
-            {m: create_tower(embed_dim, cfg) for m, cfg in (extra_towers or {}).items() if m in self.modalities}
+            {
+                m: create_tower(embed_dim, cfg)
+                for m, cfg in (extra_towers or {}).items()
+                if m in self.modalities
+            }
         )
         self.tower_cfgs = {m: cfg for m, cfg in (extra_towers or {}).items() if m in self.modalities}
 

@@ -7,7 +7,7 @@ tensor to an L2-normalised (b, embed_dim) embedding, as timm's create_model does
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

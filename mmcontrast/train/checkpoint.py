@@ -82,7 +82,11 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> 
 
 
 def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
-    """Restore model/optimizer/scheduler and this rank's RNG; returns this rank's saved state."""
+    """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data).
+
+    RNG states are left to the caller: it restores them once the data loader has started, since
+    starting a DataLoader draws from torch's RNG.
+    """""
     root = checkpoint_root(run_dir)
     tag = tag or latest_tag(run_dir)
     if tag is None:
@@ -95,6 +99,4 @@ def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
         raise FileNotFoundError(
             f"{state_file} is missing: was this checkpoint written with a different number of ranks?"
         )
-    state = torch.load(state_file, weights_only=False)
-    set_rng_state(state["rng"])
-    return state
+    return torch.load(state_file, weights_only=False)

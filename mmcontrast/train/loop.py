@@ -18,7 +18,7 @@ from mmcontrast.config import Config
 from mmcontrast.data.pipeline import make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
-from mmcontrast.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint
+from mmcontrast.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint, set_rng_state
 from mmcontrast.train.engine import build_engine, init_distributed
 from mmcontrast.train.metrics import MetricsLogger
 
@@ -47,7 +47,7 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     names = sorted(values)
     stacked = torch.stack([values[n].float().reshape(()) for n in names])
     dist.all_reduce(stacked)
-    return {n: v.item() / dist.get_world_size() for n, v in zip(names, stacked)}
+    return {n: v.item() / dist.get_world_size() for n, v in zip(names, stacked, strict=True)}
 
 
 def skipped_over_ranks(loader) -> dict:
@@ -85,23 +85,36 @@ def train(cfg: Config, resume: bool = False) -> dict:
     engine = build_engine(model, cfg)
     float_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
-    step, data_position = 0, None
+    state = None
     if resume and latest_tag(run_dir) is not None:
-        state = load_checkpoint(engine, run_dir)  # also restores this rank's RNG streams
-        step, data_position = state["step"], state["data"]
-        log.info("resumed from %s at step %d", latest_tag(run_dir), step)
-    else:
-        seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout / augmentation per rank
+        state = load_checkpoint(engine, run_dir)
+        log.info("resumed from %s at step %d", latest_tag(run_dir), state["step"])
+    step = state["step"] if state else 0
+    seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout per rank
 
     loader = make_loader(
-        cfg.data.train, cfg.data, image_transform=model.train_transform, tokenizer=model.tokenizer,
-        train=True, seed=cfg.run.seed, rank=rank, world_size=world, weights=cfg.data.train_weights or None,
-        position=data_position,
+        cfg.data.train,
+        cfg.data,
+        image_transform=model.train_transform,
+        tokenizer=model.tokenizer,
+        train=True,
+        seed=cfg.run.seed,
+        rank=rank,
+        world_size=world,
+        weights=cfg.data.train_weights or None,
+        position=state["data"] if state else None,
     )
-    batches = iter(loader)
+    batches = iter(loader)  # starting the DataLoader draws from torch's RNG: restore after it
+    if state:
+        set_rng_state(state["rng"])
     metrics = MetricsLogger(run_dir, cfg, enabled=rank == 0)
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=rank != 0 or not cfg.train.progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.train.steps,
+        initial=step,
+        disable=rank != 0 or not cfg.train.progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
     samples_seen, clock = 0, time.time()
 
     # ---- loop
@@ -121,13 +134,22 @@ def train(cfg: Config, resume: bool = False) -> dict:
             samples_seen, clock = 0, time.time()
             skipped = skipped_over_ranks(loader)["counts"]
             bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.0f}")
-            metrics.log({"step": step, **values, "lr": engine.get_lr()[0],
-                         "logit_scale": engine.module.logit_scale().item(), "samples_per_s": rate,
-                         **{f"skipped/{k}": v for k, v in skipped.items()}})
+            metrics.log(
+                {
+                    "step": step,
+                    **values,
+                    "lr": engine.get_lr()[0],
+                    "logit_scale": engine.module.logit_scale().item(),
+                    "samples_per_s": rate,
+                    **{f"skipped/{k}": v for k, v in skipped.items()},
+                }
+            )
 
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             if rank == 0 and cfg.data.val:
-                metrics.log({"step": step, **{f"val/{k}": v for k, v in evaluate_model(engine.module, cfg).items()}})
+                metrics.log(
+                    {"step": step, **{f"val/{k}": v for k, v in evaluate_model(engine.module, cfg).items()}}
+                )
             dist.barrier()
 
         if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == cfg.train.steps:

@@ -28,8 +28,12 @@ class MetricsLogger:
             import wandb
 
             self.wandb_run = wandb.init(
-                project=cfg.run.wandb_project, name=cfg.run.name or Path(run_dir).name, dir=str(run_dir),
-                mode=cfg.run.wandb, config=cfg.to_dict(), resume="allow",
+                project=cfg.run.wandb_project,
+                name=cfg.run.name or Path(run_dir).name,
+                dir=str(run_dir),
+                mode=cfg.run.wandb,
+                config=cfg.to_dict(),
+                resume="allow",
             )
 
     def log(self, record: dict) -> None:
