@@ -1,4 +1,4 @@
-# mmcontrast on a GPU node: `docker run --gpus all IMAGE train --config configs/demo.yaml`.
+# mmcontrast on a GPU node: `docker run --gpus all -v $PWD:/work IMAGE train configs/demo.yaml`.
 # CUDA 13 runtime + cuDNN 9, matching the CUDA 13 torch wheels pinned in constraints.txt (they bring
 # their own CUDA libraries; the base image supplies the matching user-space stack and driver hooks).
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04

@@ -99,14 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from mmcontrast.config import ConfigError
+    from mmcontrast.export import ExportError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # open_clip's factory logs every step to the root logger at INFO: keep the root at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("mmcontrast").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except ConfigError as exc:
         print(f"mmcontrast: config error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        print(f"mmcontrast: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,12 @@ def _truncate(path, key, ext, into_header=False):
 
 @pytest.fixture
 def broken(tmp_path):
+    return broken_shards(tmp_path)
+
+
+def broken_shards(tmp_path):
+    """Shards with one of each kind of damage; returns (urls, {skipped key: reason}, good keys)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     a = demo_samples("a", 10, 1)
     a[2]["png"] = b"\x89PNG\r\n\x1a\n but not really"
     a[4]["flac"] = b"fLaC" + bytes(200)

@@ -128,3 +128,41 @@ def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path)
     )
     final = [r for r in _metrics(run_dir) if "val/zeroshot/image/top1" in r]
     assert final, "final evaluation missing from metrics"
+
+
+def test_broken_shards_train_to_completion_and_skips_are_reported(repo_root, tmp_path):
+    from tests.test_pipeline import broken_shards
+
+    urls, expected, good = broken_shards(tmp_path / "shards")
+    run_dir = tmp_path / "run"
+    steps = 10  # 7 batches of 2 per epoch: crosses into a second epoch
+    subprocess.run(
+        _train_cmd(
+            repo_root,
+            [
+                *TINY,
+                f"data.train={urls}",
+                "data.val=''",
+                f"run.dir={run_dir}",
+                "data.workers=0",
+                "data.batch_size=2",
+                f"train.steps={steps}",
+                "run.wandb=offline",
+            ],
+        ),
+        check=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    losses = _train_losses(run_dir)
+    assert sorted(losses) == list(range(1, steps + 1))
+    skipped = json.loads((run_dir / "skipped.json").read_text())
+    assert set(skipped["keys"]) == set(expected)  # exactly the broken samples, no good one
+    assert set(skipped["counts"]) == set(expected.values())
+    per_reason = {r: sum(1 for v in expected.values() if v == r) for r in set(expected.values())}
+    for reason, n in per_reason.items():  # each epoch meets each broken sample once
+        assert skipped["counts"][reason] % n == 0 and skipped["counts"][reason] >= n
+    assert losses[steps]["skipped/bad_image"] >= 1  # counts are logged with the metrics
+    # wandb offline: the run file exists and holds the history
+    run_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert run_files and run_files[0].stat().st_size > 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -32,12 +34,24 @@ def create_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None):
 
     Returns (model, train_transform, val_transform, tokenizer).
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
         (Path(tmp) / "open_clip_config.json").write_text(json.dumps(config))
         model, train_tf, val_tf = open_clip.create_model_and_transforms(f"local-dir:{tmp}")
         tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
     return model, train_tf, val_tf, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """open_clip warns 'initialized randomly' for the weightless folder: expected here, not news."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class MultimodalModel(nn.Module):

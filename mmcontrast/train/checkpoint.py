@@ -82,11 +82,14 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> 
 
 
 def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
-    """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data).
+    (
+        """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data).
 
     RNG states are left to the caller: it restores them once the data loader has started, since
     starting a DataLoader draws from torch's RNG.
-    """""
+    """
+        ""
+    )
     root = checkpoint_root(run_dir)
     tag = tag or latest_tag(run_dir)
     if tag is None:

@@ -58,7 +58,7 @@ def skipped_over_ranks(loader) -> dict:
     for part in gathered:
         for reason, n in part["counts"].items():
             counts[reason] = counts.get(reason, 0) + n
-    return {"counts": counts, "keys": sorted(k for part in gathered for k in part["keys"])}
+    return {"counts": counts, "keys": sorted({k for part in gathered for k in part["keys"]})}
 
 
 def evaluate_model(model, cfg: Config) -> dict:
@@ -104,7 +104,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         weights=cfg.data.train_weights or None,
         position=state["data"] if state else None,
     )
-    batches = iter(loader)  # starting the DataLoader draws from torch's RNG: restore after it
+    batches = iter(loader)
     if state:
         set_rng_state(state["rng"])
     metrics = MetricsLogger(run_dir, cfg, enabled=rank == 0)
