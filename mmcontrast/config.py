@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class ModelConfig:
     clip: Any = "ViT-B-32"
     audio: AudioTowerConfig | None = field(default_factory=AudioTowerConfig)
     init_logit_scale: float = 2.6592  # ln(1/0.07), as CLIP
+    init_logit_bias: float | None = None  # a learnable logit bias (SigLIP: -10, with scale ln 10)
 
 
 @dataclass
@@ -73,6 +75,8 @@ class TermConfig:
     # "all" pairs of the modalities, or "anchor:<modality>" (every modality against one), or an
     # explicit list of [a, b] pairs
     pairs: Any = "all"
+    # keyword options of the term's builder, e.g. {label_smoothing: 0.1, tile: 4096}
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -272,6 +276,21 @@ def validate(cfg: Config) -> Config:
             resolve_pairs(term.pairs, cfg.modalities)
         except ConfigError as exc:
             raise ConfigError(f"loss.terms[{i}].pairs: {exc}") from None
+        accepted = [p for p in inspect.signature(TERMS[term.name]).parameters if p != "pairs"]
+        for key in term.options:
+            _check(
+                key in accepted,
+                f"loss.terms[{i}].options.{key}",
+                term.options[key],
+                f"options of {term.name}: {', '.join(accepted) or 'none'}",
+            )
+        if term.name == "siglip":
+            _check(
+                cfg.model.init_logit_bias is not None,
+                "model.init_logit_bias",
+                None,
+                "a number (e.g. -10) when a siglip term is configured",
+            )
     return cfg
 
 

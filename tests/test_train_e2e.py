@@ -146,6 +146,7 @@ def test_broken_shards_train_to_completion_and_skips_are_reported(repo_root, tmp
                 f"run.dir={run_dir}",
                 "data.workers=0",
                 "data.batch_size=2",
+                "data.resampled=false",  # every epoch reads every shard once
                 f"train.steps={steps}",
                 "run.wandb=offline",
             ],

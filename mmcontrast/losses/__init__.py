@@ -4,6 +4,17 @@ from mmcontrast.losses import terms as _terms  # noqa: F401  (registers the buil
 from mmcontrast.losses.gather import gather_rows, world_info
 from mmcontrast.losses.info_nce import info_nce
 from mmcontrast.losses.registry import TERMS, register_term
+from mmcontrast.losses.siglip import siglip
 from mmcontrast.losses.terms import Objective
+from mmcontrast.losses.tiled import tiled_cross_entropy
 
-__all__ = ["TERMS", "Objective", "gather_rows", "info_nce", "register_term", "world_info"]
+__all__ = [
+    "TERMS",
+    "Objective",
+    "gather_rows",
+    "info_nce",
+    "register_term",
+    "siglip",
+    "tiled_cross_entropy",
+    "world_info",
+]

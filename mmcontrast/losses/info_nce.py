@@ -1,22 +1,11 @@
-"""Symmetric InfoNCE (CLIP loss): local query rows against every rank's key columns."""
+"""Symmetric InfoNCE (CLIP loss) through the tiled core: O(rows x tile) score memory."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mmcontrast.losses.gather import gather_rows, world_info
-
-
-def _row_cross_entropy(logits, targets, col_valid, label_smoothing):
-    """Per-row CE over valid columns; smoothing spreads epsilon over valid columns only."""
-    logits = logits.masked_fill(~col_valid[None, :], float("-inf"))
-    log_probs = F.log_softmax(logits, dim=1)
-    nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
-    if label_smoothing == 0.0:
-        return nll
-    uniform = -(log_probs.masked_fill(~col_valid[None, :], 0.0)).sum(1) / col_valid.sum()
-    return (1.0 - label_smoothing) * nll + label_smoothing * uniform
+from mmcontrast.losses.tiled import tiled_cross_entropy
 
 
 def info_nce(
@@ -25,30 +14,40 @@ def info_nce(
     logit_scale: torch.Tensor,
     *,
     valid: torch.Tensor | None = None,
+    tile: int | None = None,
     label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between paired rows of `a` and `b`.
 
-    a, b: (n, d) this rank's L2-normalised embeddings, row i of a paired with row i of b.
-    logit_scale: scalar, already exp()-ed. valid: (n,) bool, False where a sample lacks a or b
-    (its row and its column are left out). Returns a scalar: this rank's share of the global mean
-    loss, scaled by world size so that averaging over ranks (data-parallel gradient averaging)
-    gives the mean over all valid samples of every rank. Without torch.distributed it is the
-    plain mean, as open_clip's ClipLoss.
+    a, b: (n, d) this rank's L2-normalised embeddings (float32 or bf16), row i of a paired with
+    row i of b. logit_scale: (), already exp()-ed. valid: (n,) bool, False where a sample lacks a
+    or b: its row and its column are left out. tile: key columns per tile (default: about 2^23
+    scores per tile). Returns a scalar: this rank's share of the mean loss over all valid samples
+    of every rank, scaled by world size so that averaging over ranks (data-parallel gradient
+    averaging) gives the global mean. In one process it is open_clip's ClipLoss.
     """
     n = a.shape[0]
     valid = torch.ones(n, dtype=torch.bool, device=a.device) if valid is None else valid.bool()
     _, world = world_info()
+    opts = {"label_smoothing": label_smoothing, "tile": tile}
+    if world == 1:
+        total_valid = valid.sum()
+        if total_valid == 0:
+            return (a.sum() + b.sum()) * 0.0
+        # one pass over the tiles gives both directions: each column tile holds every row
+        targets = torch.arange(n, device=a.device)
+        rows, cols = tiled_cross_entropy(
+            a, b, logit_scale, targets, row_valid=valid, col_valid=valid, square=True, **opts
+        )
+        return (rows[valid].sum() + cols[valid].sum()) / (2.0 * total_valid)
+
     a_all, offset = gather_rows(a)
     b_all, _ = gather_rows(b)
     valid_all, _ = gather_rows(valid)
     total_valid = valid_all.sum()
     if total_valid == 0:
         return (a.sum() + b.sum()) * 0.0
-    rows = valid.nonzero().squeeze(1)
-    targets = rows + offset
-    scale = logit_scale.float()
-    a_rows, b_rows = a[rows].float(), b[rows].float()
-    loss_ab = _row_cross_entropy(scale * a_rows @ b_all.float().T, targets, valid_all, label_smoothing)
-    loss_ba = _row_cross_entropy(scale * b_rows @ a_all.float().T, targets, valid_all, label_smoothing)
-    return (loss_ab.sum() + loss_ba.sum()) * (world / (2.0 * total_valid))
+    targets = torch.arange(n, device=a.device) + offset
+    ab, _ = tiled_cross_entropy(a, b_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
+    ba, _ = tiled_cross_entropy(b, a_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
+    return (ab[valid].sum() + ba[valid].sum()) * (world / (2.0 * total_valid))

@@ -6,20 +6,45 @@ import torch
 
 from mmcontrast.losses.info_nce import info_nce
 from mmcontrast.losses.registry import TERMS, register_term
+from mmcontrast.losses.siglip import siglip
 
 
 @register_term("info_nce")
-def info_nce_term(pairs, label_smoothing: float = 0.0):
+def info_nce_term(pairs, label_smoothing: float = 0.0, tile: int | None = None):
     """InfoNCE over each modality pair; a pair's samples are those holding both modalities."""
 
-    def term(embeddings: dict, present: dict, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
-        parts = {}
-        for a, b in pairs:
-            valid = present[a] & present[b]
-            parts[f"{a}-{b}"] = info_nce(
-                embeddings[a], embeddings[b], logit_scale, valid=valid, label_smoothing=label_smoothing
+    def term(embeddings, present, logit_scale, logit_bias=None) -> dict[str, torch.Tensor]:
+        return {
+            f"{a}-{b}": info_nce(
+                embeddings[a],
+                embeddings[b],
+                logit_scale,
+                valid=present[a] & present[b],
+                label_smoothing=label_smoothing,
+                tile=tile,
             )
-        return parts
+            for a, b in pairs
+        }
+
+    return term
+
+
+@register_term("siglip")
+def siglip_term(pairs, tile: int | None = None):
+    """SigLIP over each modality pair, with the model's learnable logit bias."""
+
+    def term(embeddings, present, logit_scale, logit_bias=None) -> dict[str, torch.Tensor]:
+        return {
+            f"{a}-{b}": siglip(
+                embeddings[a],
+                embeddings[b],
+                logit_scale,
+                logit_bias,
+                valid=present[a] & present[b],
+                tile=tile,
+            )
+            for a, b in pairs
+        }
 
     return term
 
@@ -36,13 +61,13 @@ class Objective:
 
         built = []
         for t in loss_cfg.terms:
-            built.append((t.name, t.weight, TERMS[t.name](resolve_pairs(t.pairs, modalities))))
+            built.append((t.name, t.weight, TERMS[t.name](resolve_pairs(t.pairs, modalities), **t.options)))
         return cls(built)
 
-    def __call__(self, embeddings, present, logit_scale):
+    def __call__(self, embeddings, present, logit_scale, logit_bias=None):
         total, logged = 0.0, {}
         for name, weight, term in self.terms:
-            for part, value in term(embeddings, present, logit_scale).items():
-                total = total + weight * value / 1.0
+            for part, value in term(embeddings, present, logit_scale, logit_bias).items():
+                total = total + weight * value
                 logged[f"{name}/{part}"] = value.detach()
         return total, logged

@@ -65,6 +65,8 @@ class MultimodalModel(nn.Module):
         # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes: keep shape (1,)
         # here and give open_clip its scalar back in open_clip_state_dict().
         self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
+        if getattr(self.clip, "logit_bias", None) is not None:
+            self.clip.logit_bias = nn.Parameter(self.clip.logit_bias.detach().reshape(1))
         embed_dim = clip_cfg["embed_dim"]
         self.towers = nn.ModuleDict(
             {
@@ -87,7 +89,13 @@ class MultimodalModel(nn.Module):
         """The CLIP part as open_clip stores it: scalar logit_scale, clamped at ln(100)."""
         state = {k: v.detach().clone() for k, v in self.clip.state_dict().items()}
         state["logit_scale"] = state["logit_scale"].reshape(()).clamp(max=MAX_LOGIT_SCALE)
+        if "logit_bias" in state:
+            state["logit_bias"] = state["logit_bias"].reshape(())
         return state
+
+    def logit_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.clip, "logit_bias", None)
+        return None if bias is None else bias.reshape(())
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         if modality == "image":
@@ -103,6 +111,8 @@ class MultimodalModel(nn.Module):
 def build_model(model_cfg, modalities) -> MultimodalModel:
     """From the typed ModelConfig (mmcontrast.config) and the run's modalities."""
     clip_cfg = resolve_clip_config(model_cfg.clip)
+    if model_cfg.init_logit_bias is not None:  # open_clip's CLIP owns the bias, as for SigLIP models
+        clip_cfg["init_logit_bias"] = model_cfg.init_logit_bias
     extra = {"audio": model_cfg.audio} if model_cfg.audio is not None else {}
     model = MultimodalModel(clip_cfg, extra, modalities)
     with torch.no_grad():

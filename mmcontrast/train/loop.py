@@ -121,7 +121,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     while step < cfg.train.steps:
         batch = to_device(next(batches), engine.device, float_dtype)
         embeddings = engine(batch)
-        loss, parts = objective(embeddings, batch["present"], engine.module.logit_scale())
+        loss, parts = objective(
+            embeddings, batch["present"], engine.module.logit_scale(), engine.module.logit_bias()
+        )
         engine.backward(loss)
         engine.step()
         step += 1

@@ -1,0 +1,147 @@
+"""The one tiled core: row-wise (and optionally column-wise) cross-entropy over key columns
+produced tile by tile, never holding more than rows x tile scores.
+
+Forward keeps a running log-sum-exp per row and saves only the inputs and the per-row (and
+per-column) log-sum-exp; backward recomputes each tile (the idea of Inf-CL / FlashAttention).
+Scores accumulate in float32 whatever the input dtype (bf16 inputs are upcast per tile).
+
+For query i with target column t_i over valid columns C (|C| = c), label smoothing eps:
+    loss_i = lse_j(s_ij) - (1 - eps) s_{i,t_i} - eps * mean_{j in C} s_ij,   s_ij = scale * q_i.k_j
+The smoothing mean is scale * q_i . mean(k_C), so it needs no tile. With `square=True` rows and
+columns are the same samples (t_i = i) and the column-wise loss of every column is computed from
+the same tiles, because each column tile holds all rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# rows x tile scores per tile: 2^23 floats = 32 MiB per temporary
+DEFAULT_TILE_ELEMENTS = 1 << 23
+
+
+def default_tile(rows: int) -> int:
+    return max(64, DEFAULT_TILE_ELEMENTS // max(rows, 1))
+
+
+def _masked_scores(q, k_tile, scale, col_valid_tile, row_valid):
+    """Scores of a tile, and views of them with invalid columns / rows at -inf (copies only
+    when something is masked: each is rows x tile floats)."""
+    s = scale * (q @ k_tile.T)
+    row_side = s if bool(col_valid_tile.all()) else s.masked_fill(~col_valid_tile[None, :], float("-inf"))
+    col_side = None
+    if row_valid is not None:
+        col_side = s if bool(row_valid.all()) else s.masked_fill(~row_valid[:, None], float("-inf"))
+    return s, row_side, col_side
+
+
+class TiledCrossEntropy(torch.autograd.Function):
+    """(q (n,d), k (N,d), scale ()) -> (row_loss (n,), col_loss (N,) or (0,))."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, targets, row_valid, col_valid, label_smoothing, tile, square):
+        in_dtype = q.dtype
+        qf, kf, sc = q.float(), k.float(), scale.float()
+        n, big_n = qf.shape[0], kf.shape[0]
+        row_max = qf.new_full((n,), float("-inf"))
+        row_sum = qf.new_zeros(n)
+        col_lse = qf.new_empty(big_n if square else 0)
+        target_scores = qf.new_zeros(n)
+        for start in range(0, big_n, tile):
+            stop = min(start + tile, big_n)
+            s, row_side, col_side = _masked_scores(
+                qf, kf[start:stop], sc, col_valid[start:stop], row_valid if square else None
+            )
+            # the positive's score from the same tile, so lse - target rounds like a dense CE
+            here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
+            target_scores[here] = s[here, targets[here] - start]
+            tile_max = row_side.max(dim=1).values
+            new_max = torch.maximum(row_max, tile_max)
+            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            shifted = row_side - safe[:, None]
+            row_sum = row_sum * torch.exp(row_max - safe) + shifted.exp_().sum(1)
+            row_max = new_max
+            if square:  # every row is in this tile: the columns' log-sum-exp is complete
+                col_lse[start:stop] = torch.logsumexp(col_side, dim=0)
+        row_lse = torch.log(row_sum) + row_max
+
+        eps = label_smoothing
+        k_mean = kf[col_valid].mean(0)
+        row_loss = row_lse - (1 - eps) * target_scores - eps * sc * (qf @ k_mean)
+        col_loss = qf.new_zeros(0)
+        if square:
+            q_mean = qf[row_valid].mean(0)
+            col_loss = col_lse - (1 - eps) * target_scores - eps * sc * (kf @ q_mean)
+        ctx.save_for_backward(q, k, scale, targets, row_valid, col_valid, row_lse, col_lse)
+        ctx.eps, ctx.tile, ctx.square, ctx.in_dtype = eps, tile, square, in_dtype
+        return row_loss, col_loss
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        q, k, scale, targets, row_valid, col_valid, row_lse, col_lse = ctx.saved_tensors
+        eps, tile, square = ctx.eps, ctx.tile, ctx.square
+        qf, kf, sc = q.float(), k.float(), scale.float()
+        g_row = g_row.float()
+        g_col = g_col.float() if square and g_col is not None else qf.new_zeros(kf.shape[0] if square else 0)
+        dq, dk = torch.zeros_like(qf), torch.zeros_like(kf)
+        dscale = qf.new_zeros(())
+        for start in range(0, kf.shape[0], tile):
+            stop = min(start + tile, kf.shape[0])
+            k_tile = kf[start:stop]
+            s, row_side, col_side = _masked_scores(
+                qf, k_tile, sc, col_valid[start:stop], row_valid if square else None
+            )
+            # d loss / d score of the tile, built in place: the tile is the memory that matters
+            grad = (row_side - row_lse[:, None]).exp_().mul_(g_row[:, None])
+            if square:
+                col_part = (col_side - col_lse[None, start:stop]).exp_().mul_(g_col[None, start:stop])
+                grad.add_(col_part)
+                del col_part
+            dq.addmm_(grad, k_tile)
+            torch.mm(grad.T, qf, out=dk[start:stop])
+            dscale += torch.dot(grad.reshape(-1), s.reshape(-1))
+        dq, dk, dscale = dq * sc, dk * sc, dscale / sc
+
+        # target and smoothing terms are linear in the scores: closed forms, no tiles
+        k_t = kf[targets]
+        w = (1 - eps) * g_row
+        dq -= sc * w[:, None] * k_t
+        dk.index_add_(0, targets, -sc * w[:, None] * qf)
+        dscale -= (w * (qf * k_t).sum(1)).sum()
+        k_mean = kf[col_valid].mean(0)
+        dq -= sc * eps * g_row[:, None] * k_mean[None, :]
+        g_q = (g_row[:, None] * qf).sum(0)
+        dk[col_valid] -= sc * eps * g_q / col_valid.sum()
+        dscale -= eps * (g_q @ k_mean)
+        if square:
+            wc = (1 - eps) * g_col
+            dq -= sc * wc[:, None] * kf
+            dk -= sc * wc[:, None] * qf
+            dscale -= (wc * (qf * kf).sum(1)).sum()
+            q_mean = qf[row_valid].mean(0)
+            dk -= sc * eps * g_col[:, None] * q_mean[None, :]
+            g_k = (g_col[:, None] * kf).sum(0)
+            dq[row_valid] -= sc * eps * g_k / row_valid.sum()
+            dscale -= eps * (g_k @ q_mean)
+        dtype = ctx.in_dtype
+        return dq.to(dtype), dk.to(k.dtype), dscale.to(scale.dtype), None, None, None, None, None, None
+
+
+def tiled_cross_entropy(
+    q, k, scale, targets, *, row_valid=None, col_valid=None, label_smoothing=0.0, tile=None, square=False
+):
+    """Per-row (and with square=True per-column) cross-entropy losses, tiled over columns.
+
+    q: (n, d) query rows; k: (N, d) key columns (may be gathered from all ranks, with gradients);
+    scale: () multiplier of the dot products; targets: (n,) column index of each row's positive;
+    row_valid: (n,), col_valid: (N,) bool masks (invalid columns are no negatives; invalid rows'
+    losses are meaningless and must be dropped by the caller). square=True requires n == N and
+    targets == arange(n). Returns (row_loss (n,), col_loss (N,) or (0,)).
+    """
+    n, big_n = q.shape[0], k.shape[0]
+    row_valid = torch.ones(n, dtype=torch.bool, device=q.device) if row_valid is None else row_valid
+    col_valid = torch.ones(big_n, dtype=torch.bool, device=q.device) if col_valid is None else col_valid
+    tile = tile or default_tile(n)
+    return TiledCrossEntropy.apply(
+        q, k, scale, targets, row_valid, col_valid, float(label_smoothing), int(tile), bool(square)
+    )
