@@ -295,27 +295,40 @@ def validate(cfg: Config) -> Config:
 
 
 def resolve_pairs(spec: Any, modalities: list[str]) -> list[tuple[str, str]]:
-    """Turn a pair spec ("all", "anchor:text" or [[a, b], ...]) into ordered modality pairs."""
+    """Ordered modality pairs of a pair spec; see resolve_weighted_pairs for the spec."""
+    return [(a, b) for a, b, _ in resolve_weighted_pairs(spec, modalities)]
+
+
+def resolve_weighted_pairs(spec: Any, modalities: list[str]) -> list[tuple[str, str, float]]:
+    """A pair spec -> [(a, b, weight)]: "all", "anchor:<modality>" (ImageBind-style, every
+    modality against the anchor) or a list of [a, b] / [a, b, weight] entries."""
     if spec == "all":
-        return [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
+        return [(a, b, 1.0) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
     if isinstance(spec, str) and spec.startswith("anchor:"):
         anchor = spec.split(":", 1)[1]
         if anchor not in modalities:
             raise ConfigError(f"bad value {spec!r}; the anchor must be one of {modalities}")
-        return [(anchor, m) for m in modalities if m != anchor]
+        return [(anchor, m, 1.0) for m in modalities if m != anchor]
     if isinstance(spec, list) and spec:
-        pairs = []
+        pairs, seen = [], set()
         for p in spec:
-            if not (
-                isinstance(p, (list, tuple))
-                and len(p) == 2
-                and p[0] != p[1]
-                and all(m in modalities for m in p)
-            ):
-                raise ConfigError(f"bad pair {p!r}; each pair is two different modalities of {modalities}")
-            pairs.append((p[0], p[1]))
+            ok = isinstance(p, (list, tuple)) and len(p) in (2, 3) and p[0] != p[1]
+            ok = ok and all(m in modalities for m in p[:2])
+            ok = ok and (
+                len(p) == 2 or (isinstance(p[2], (int, float)) and not isinstance(p[2], bool) and p[2] >= 0)
+            )
+            if not ok:
+                raise ConfigError(
+                    f"bad pair {p!r}; each entry is [a, b] or [a, b, weight >= 0] with a != b in {modalities}"
+                )
+            if frozenset(p[:2]) in seen:
+                raise ConfigError(f"pair {p[:2]!r} is listed twice")
+            seen.add(frozenset(p[:2]))
+            pairs.append((p[0], p[1], float(p[2]) if len(p) == 3 else 1.0))
         return pairs
-    raise ConfigError(f"bad value {spec!r}; allowed: 'all', 'anchor:<modality>' or a list of [a, b] pairs")
+    raise ConfigError(
+        f"bad value {spec!r}; allowed: 'all', 'anchor:<modality>' or a list of [a, b] or [a, b, weight]"
+    )
 
 
 # ---------------------------------------------------------------- loading

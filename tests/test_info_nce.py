@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from mmcontrast.config import TermConfig, resolve_pairs
+from mmcontrast.config import ConfigError, TermConfig, resolve_pairs, resolve_weighted_pairs
 from mmcontrast.losses import Objective, info_nce
 from tests.distributed import run_ranks
 
@@ -121,3 +121,31 @@ def test_pair_specs():
     assert resolve_pairs("all", mods) == [("image", "text"), ("image", "audio"), ("text", "audio")]
     assert resolve_pairs("anchor:text", mods) == [("text", "image"), ("text", "audio")]
     assert resolve_pairs([["audio", "image"]], mods) == [("audio", "image")]
+    assert resolve_weighted_pairs([["audio", "image", 0.5], ["text", "image"]], mods) == [
+        ("audio", "image", 0.5),
+        ("text", "image", 1.0),
+    ]
+    for bad in (
+        [["audio", "image", -1]],
+        [["audio", "image"], ["image", "audio"]],
+        [["audio"]],
+        "anchor:smell",
+    ):
+        with pytest.raises(ConfigError):
+            resolve_weighted_pairs(bad, mods)
+
+
+def test_pair_weights_scale_each_pair():
+    mods = ["image", "text", "audio"]
+    x, present = _batch(8)
+    model = _Towers()
+    emb = model(x)
+
+    def objective(pairs):
+        cfg = type("L", (), {"terms": [TermConfig(pairs=pairs, weight=2.0)]})()
+        return Objective.from_config(cfg, mods)(emb, present, model.logit_scale.exp())
+
+    total, parts = objective([["image", "text", 0.25], ["text", "audio", 3.0]])
+    expected = 2.0 * (0.25 * parts["info_nce/image-text"] + 3.0 * parts["info_nce/text-audio"])
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert set(parts) == {"info_nce/image-text", "info_nce/text-audio"}

@@ -167,3 +167,32 @@ def test_distributed_equals_one_process_on_concatenated_batch(world, sizes, kind
     _close(b_grad, single_grads[1])
     _close(sum(r[1][2] for r in ranks) / world, single_grads[2])
     _close(sum(r[1][3] for r in ranks) / world, single_grads[3])
+
+
+@pytest.mark.parametrize("loss", ["mmcontrast info_nce", "mmcontrast siglip"])
+def test_peak_memory_stays_far_below_one_dense_logits_matrix(repo_root, loss):
+    """Measured in a fresh process by the benchmark's own worker (resident-set high-water mark)."""
+    import json
+    import subprocess
+    import sys
+
+    batch, dim = 8192, 64
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(repo_root / "benchmarks/loss_memory.py"),
+            "--worker",
+            loss,
+            str(batch),
+            str(dim),
+            "--repeat",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    peak_mb = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+    dense_logits_mb = batch * batch * 4 / 2**20  # 256 MiB; open_clip holds several of these
+    assert peak_mb < dense_logits_mb / 2, f"{loss} peaked at {peak_mb:.0f} MiB"

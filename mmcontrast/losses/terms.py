@@ -50,24 +50,26 @@ def siglip_term(pairs, tile: int | None = None):
 
 
 class Objective:
-    """Weighted sum of configured terms. Call -> (total loss, {"term/pair": value})."""
+    """Weighted sum of configured terms. Call -> (total loss, {"term/a-b": unweighted value})."""
 
-    def __init__(self, terms: list[tuple[str, float, object]]):
-        self.terms = terms  # (name, weight, term callable)
+    def __init__(self, terms: list[tuple[str, float, dict[str, float], object]]):
+        self.terms = terms  # (name, term weight, {"a-b": pair weight}, term callable)
 
     @classmethod
     def from_config(cls, loss_cfg, modalities) -> Objective:
-        from mmcontrast.config import resolve_pairs
+        from mmcontrast.config import resolve_weighted_pairs
 
         built = []
         for t in loss_cfg.terms:
-            built.append((t.name, t.weight, TERMS[t.name](resolve_pairs(t.pairs, modalities), **t.options)))
+            pairs = resolve_weighted_pairs(t.pairs, modalities)
+            term = TERMS[t.name]([(a, b) for a, b, _ in pairs], **t.options)
+            built.append((t.name, t.weight, {f"{a}-{b}": w for a, b, w in pairs}, term))
         return cls(built)
 
     def __call__(self, embeddings, present, logit_scale, logit_bias=None):
         total, logged = 0.0, {}
-        for name, weight, term in self.terms:
+        for name, weight, pair_weights, term in self.terms:
             for part, value in term(embeddings, present, logit_scale, logit_bias).items():
-                total = total + weight * value
+                total = total + weight * pair_weights.get(part, 1.0) * value
                 logged[f"{name}/{part}"] = value.detach()
         return total, logged
