@@ -284,6 +284,13 @@ def validate(cfg: Config) -> Config:
                 term.options[key],
                 f"options of {term.name}: {', '.join(accepted) or 'none'}",
             )
+        if term.name == "gram" and "anchor" in term.options:
+            _check(
+                term.options["anchor"] in cfg.modalities,
+                f"loss.terms[{i}].options.anchor",
+                term.options["anchor"],
+                ", ".join(cfg.modalities),
+            )
         if term.name == "siglip":
             _check(
                 cfg.model.init_logit_bias is not None,

@@ -15,7 +15,15 @@ from itertools import combinations
 import torch
 
 from mmcontrast.config import MODALITIES
-from mmcontrast.eval.metrics import class_embeddings, paired_recall, row_digests, topk_accuracy
+from mmcontrast.eval.metrics import (
+    CHUNK,
+    class_embeddings,
+    paired_recall,
+    recall_at_k,
+    row_digests,
+    topk_accuracy,
+)
+from mmcontrast.losses.gram import gram_volume
 
 KS = (1, 5)
 
@@ -131,6 +139,54 @@ def metrics_from(data: EvalSet, class_emb: torch.Tensor | None, ks=KS) -> dict:
         for src, dst, q, g in ((a, b, ea, eb), (b, a, eb, ea)):
             for k, v in paired_recall(q, g, data.groups[dst][rows], ks).items():
                 metrics[f"retrieval/{src}->{dst}/R@{k}"] = v
+    if {"image", "text", "audio"} <= set(modalities):
+        metrics.update(higher_order_metrics(data, class_emb, ks))
+    return metrics
+
+
+def _gram_scores(text: torch.Tensor, image: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    return -gram_volume(text, image, audio)
+
+
+def _mip_scores(text: torch.Tensor, image: torch.Tensor, audio: torch.Tensor) -> torch.Tensor:
+    return text @ (image * audio).T
+
+
+# How a text scores an (image, audio) pair: GRAM's negative volume and Symile's multilinear product.
+TRIMODAL_SCORES = {"gram": _gram_scores, "mip": _mip_scores}
+
+
+def higher_order_metrics(data: EvalSet, class_emb: torch.Tensor | None, ks=KS) -> dict:
+    """Tri-modal scores: classify from image + audio together, and retrieve the (image, audio)
+    pair of a caption, ranking by -volume (GRAM) and by the multilinear inner product (Symile)."""
+    metrics: dict = {}
+    both = data.present["image"] & data.present["audio"]
+    for name, score in TRIMODAL_SCORES.items():
+        if class_emb is not None:
+            rows = both & (data.labels >= 0)
+            if rows.any():
+                scores = score(class_emb, data.embeddings["image"][rows], data.embeddings["audio"][rows]).T
+                positives = torch.nn.functional.one_hot(data.labels[rows], class_emb.shape[0]).bool()
+                for k, v in recall_at_k(
+                    scores, positives, [k for k in ks if k <= class_emb.shape[0]]
+                ).items():
+                    metrics[f"zeroshot/image+audio/{name}/top{k}"] = v
+        rows = both & data.present["text"]
+        if rows.any():
+            # an (image, audio) pair is identified by both of its inputs' groups
+            pair_group = (
+                data.groups["image"][rows] * (int(data.groups["audio"].max()) + 1)
+                + data.groups["audio"][rows]
+            )
+            text, image, audio = (data.embeddings[m][rows] for m in ("text", "image", "audio"))
+            hits = {k: 0 for k in ks}
+            for start in range(0, text.shape[0], CHUNK):
+                stop = min(start + CHUNK, text.shape[0])
+                positives = pair_group[None, :] == pair_group[start:stop, None]
+                for k, v in recall_at_k(score(text[start:stop], image, audio), positives, ks).items():
+                    hits[k] += round(v * (stop - start))
+            for k, v in hits.items():
+                metrics[f"retrieval/text->(image,audio)/{name}/R@{k}"] = v / text.shape[0]
     return metrics
 
 

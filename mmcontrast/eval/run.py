@@ -100,30 +100,43 @@ def format_metrics_table(metrics: dict) -> str:
     """A readable plain-text table of `evaluate`'s metrics (accuracies and recalls in percent)."""
     lines = []
     order = {m: i for i, m in enumerate(MODALITIES)}
-    zeroshot = sorted(
-        {k.split("/")[1] for k in metrics if k.startswith("zeroshot/")}, key=lambda m: order.get(m, 99)
+    single = sorted(
+        {
+            k.split("/")[1]
+            for k in metrics
+            if k.startswith("zeroshot/") and k.count("/") == 2 and "+" not in k
+        },
+        key=lambda m: order.get(m, 99),
     )
-    if zeroshot:
-        lines += ["zero-shot classification", f"  {'modality':<10} {'top-1':>7} {'top-5':>7} {'n':>7}"]
-        for m in zeroshot:
+    rows = [(m, f"zeroshot/{m}", metrics.get(f"zeroshot/{m}/n", 0)) for m in single]
+    tri = sorted({k.rsplit("/", 1)[0] for k in metrics if k.startswith("zeroshot/image+audio/")})
+    n_tri = metrics.get("zeroshot/image/n", "")
+    rows += [(f"{p.split('/')[1]} ({p.split('/')[2]})", p, n_tri) for p in tri]
+    if rows:
+        lines += ["zero-shot classification", f"  {'from':<20} {'top-1':>7} {'top-5':>7} {'n':>7}"]
+        for label, prefix, n in rows:
             lines.append(
-                f"  {m:<10} {_pct(metrics.get(f'zeroshot/{m}/top1')):>7} "
-                f"{_pct(metrics.get(f'zeroshot/{m}/top5')):>7} {metrics.get(f'zeroshot/{m}/n', 0):>7}"
+                f"  {label:<20} {_pct(metrics.get(f'{prefix}/top1')):>7} {_pct(metrics.get(f'{prefix}/top5')):>7} {n:>7}"
             )
     pairs = [k.split("/")[1] for k in metrics if k.startswith("retrieval/") and k.endswith("/n")]
     if pairs:
         if lines:
             lines.append("")
-        lines += ["retrieval", f"  {'query->gallery':<16} {'R@1':>7} {'R@5':>7} {'n':>7}"]
+        lines += ["retrieval", f"  {'query->gallery':<28} {'R@1':>7} {'R@5':>7} {'n':>7}"]
         for pair in pairs:
             a, b = pair.split("-", 1)
             n = metrics[f"retrieval/{pair}/n"]
             for src, dst in ((a, b), (b, a)):
                 prefix = f"retrieval/{src}->{dst}"
                 lines.append(
-                    f"  {src + '->' + dst:<16} {_pct(metrics.get(f'{prefix}/R@1')):>7} "
+                    f"  {src + '->' + dst:<28} {_pct(metrics.get(f'{prefix}/R@1')):>7} "
                     f"{_pct(metrics.get(f'{prefix}/R@5')):>7} {n:>7}"
                 )
+        for prefix in sorted({k.rsplit("/", 1)[0] for k in metrics if k.startswith("retrieval/text->(")}):
+            label = f"{prefix.split('/')[1]} ({prefix.split('/')[2]})"
+            lines.append(
+                f"  {label:<28} {_pct(metrics.get(f'{prefix}/R@1')):>7} {_pct(metrics.get(f'{prefix}/R@5')):>7}"
+            )
     return "\n".join(lines) if lines else "(no metrics)"
 
 

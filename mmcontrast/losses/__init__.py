@@ -2,6 +2,7 @@
 
 from mmcontrast.losses import terms as _terms  # noqa: F401  (registers the built-in terms)
 from mmcontrast.losses.gather import gather_rows, world_info
+from mmcontrast.losses.gram import gram_loss, gram_volume
 from mmcontrast.losses.info_nce import info_nce
 from mmcontrast.losses.registry import TERMS, register_term
 from mmcontrast.losses.siglip import siglip
@@ -12,6 +13,8 @@ __all__ = [
     "TERMS",
     "Objective",
     "gather_rows",
+    "gram_loss",
+    "gram_volume",
     "info_nce",
     "register_term",
     "siglip",

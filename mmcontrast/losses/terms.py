@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mmcontrast.losses.gram import gram_loss
 from mmcontrast.losses.info_nce import info_nce
 from mmcontrast.losses.registry import TERMS, register_term
 from mmcontrast.losses.siglip import siglip
@@ -73,3 +74,35 @@ class Objective:
                 total = total + weight * pair_weights.get(part, 1.0) * value
                 logged[f"{name}/{part}"] = value.detach()
         return total, logged
+
+
+def _all_present(present: dict, modalities) -> torch.Tensor:
+    mask = None
+    for m in modalities:
+        mask = present[m] if mask is None else mask & present[m]
+    return mask
+
+
+@register_term("gram")
+def gram_term(pairs, anchor: str = "text", label_smoothing: float = 0.1, tile: int | None = None):
+    """GRAM volume loss: the anchor against the tuple of every other modality of the pairs.
+
+    Samples lacking any of the modalities are masked out (row and column); temperature is
+    1 / logit_scale, the model's one learnable scale.
+    """
+    modalities = sorted({m for p in pairs for m in p}, key=lambda m: ("image", "text", "audio").index(m))
+    others = [m for m in modalities if m != anchor]
+
+    def term(embeddings, present, logit_scale, logit_bias=None) -> dict[str, torch.Tensor]:
+        valid = _all_present(present, [anchor, *others])
+        loss = gram_loss(
+            embeddings[anchor],
+            [embeddings[m] for m in others],
+            1.0 / logit_scale,
+            label_smoothing=label_smoothing,
+            valid=valid,
+            tile=tile,
+        )
+        return {f"{anchor}-{'+'.join(others)}": loss}
+
+    return term

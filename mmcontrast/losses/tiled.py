@@ -145,3 +145,135 @@ def tiled_cross_entropy(
     return TiledCrossEntropy.apply(
         q, k, scale, targets, row_valid, col_valid, float(label_smoothing), int(tile), bool(square)
     )
+
+
+class TiledScoreCrossEntropy(torch.autograd.Function):
+    """The core for scores that are not one dot product (GRAM volumes, Symile's generated
+    columns): score_fn(rows, cols, start, stop) -> (n, stop - start) scores of a column tile.
+
+    Forward runs score_fn without autograd; backward recomputes each tile under autograd and
+    pushes d loss / d scores through it, so memory stays at one tile's graph.
+    """
+
+    @staticmethod
+    def forward(ctx, score_fn, n_rows_inputs, targets, row_valid, col_valid, eps, tile, square, *inputs):
+        rows, cols = inputs[:n_rows_inputs], inputs[n_rows_inputs:]
+        n, n_cols = targets.shape[0], col_valid.shape[0]
+        device = targets.device
+        row_max = torch.full((n,), float("-inf"), device=device)
+        row_sum = torch.zeros(n, device=device)
+        row_mean = torch.zeros(n, device=device)  # sum over valid columns of s_ij, for smoothing
+        target_scores = torch.zeros(n, device=device)
+        col_lse = torch.zeros(n_cols if square else 0, device=device)
+        col_mean = torch.zeros(n_cols if square else 0, device=device)
+        for start in range(0, n_cols, tile):
+            stop = min(start + tile, n_cols)
+            s = score_fn(rows, cols, start, stop).float()
+            cv = col_valid[start:stop]
+            row_side = s.masked_fill(~cv[None, :], float("-inf"))
+            new_max = torch.maximum(row_max, row_side.max(dim=1).values)
+            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            row_sum = row_sum * torch.exp(row_max - safe) + (row_side - safe[:, None]).exp_().sum(1)
+            row_max = new_max
+            row_mean += s.masked_fill(~cv[None, :], 0.0).sum(1)
+            here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
+            target_scores[here] = s[here, targets[here] - start]
+            if square:
+                col_side = s.masked_fill(~row_valid[:, None], float("-inf"))
+                col_lse[start:stop] = torch.logsumexp(col_side, dim=0)
+                col_mean[start:stop] = s.masked_fill(~row_valid[:, None], 0.0).sum(0)
+        row_lse = torch.log(row_sum) + row_max
+        row_loss = row_lse - (1 - eps) * target_scores - eps * row_mean / col_valid.sum()
+        col_loss = torch.zeros(0, device=device)
+        if square:  # targets == arange: the positive of column j is s_jj
+            col_loss = col_lse - (1 - eps) * target_scores - eps * col_mean / row_valid.sum()
+        ctx.save_for_backward(targets, row_valid, col_valid, row_lse, col_lse, *inputs)
+        ctx.score_fn, ctx.n_rows_inputs, ctx.eps, ctx.tile, ctx.square = (
+            score_fn,
+            n_rows_inputs,
+            eps,
+            tile,
+            square,
+        )
+        return row_loss, col_loss
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        targets, row_valid, col_valid, row_lse, col_lse, *inputs = ctx.saved_tensors
+        eps, square = ctx.eps, ctx.square
+        n_cols = col_valid.shape[0]
+        g_row = g_row.float()
+        g_col = g_col.float() if square and g_col is not None else None
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        rows, cols = tuple(leaves[: ctx.n_rows_inputs]), tuple(leaves[ctx.n_rows_inputs :])
+        wanted = [x for x in leaves if x.requires_grad]
+        grads = [torch.zeros_like(x) for x in wanted]
+        n_valid_cols, n_valid_rows = col_valid.sum(), row_valid.sum()
+        for start in range(0, n_cols, ctx.tile):
+            stop = min(start + ctx.tile, n_cols)
+            cv = col_valid[start:stop]
+            with torch.enable_grad():
+                s = ctx.score_fn(rows, cols, start, stop).float()
+            with torch.no_grad():
+                # d loss_i / d s_ij = g_i (p_ij - (1 - eps) [j = t_i] - eps / C), valid j only
+                sd = s.detach()
+                grad = (sd.masked_fill(~cv[None, :], float("-inf")) - row_lse[:, None]).exp_()
+                grad.sub_(eps / n_valid_cols * cv[None, :]).mul_(g_row[:, None])
+                here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
+                grad[here, targets[here] - start] -= (1 - eps) * g_row[here]
+                if square:
+                    col_part = (
+                        sd.masked_fill(~row_valid[:, None], float("-inf")) - col_lse[None, start:stop]
+                    ).exp_()
+                    col_part.sub_(eps / n_valid_rows * row_valid[:, None]).mul_(g_col[None, start:stop])
+                    idx = torch.arange(start, stop, device=sd.device)
+                    col_part[idx, idx - start] -= (1 - eps) * g_col[start:stop]
+                    grad.add_(col_part)
+            if wanted:
+                for acc, part in zip(
+                    grads, torch.autograd.grad(s, wanted, grad, allow_unused=True), strict=True
+                ):
+                    if part is not None:
+                        acc += part
+        it = iter(grads)
+        input_grads = [next(it).to(x.dtype) if x.requires_grad else None for x in leaves]
+        return (None, None, None, None, None, None, None, None, *input_grads)
+
+
+def tiled_score_cross_entropy(
+    score_fn,
+    rows: tuple,
+    cols: tuple,
+    n_cols: int,
+    targets,
+    *,
+    row_valid=None,
+    col_valid=None,
+    label_smoothing=0.0,
+    tile=None,
+    square=False,
+):
+    """Per-row (and with square=True per-column) cross-entropy over n_cols generated columns.
+
+    score_fn(rows, cols, start, stop) -> (n, stop - start) scores of columns [start, stop),
+    differentiable in the `rows` and `cols` tensors; targets: (n,) positive column per row;
+    row_valid (n,), col_valid (n_cols,) bool. square=True: rows and columns are the same n
+    samples with targets == arange(n). Returns (row_loss (n,), col_loss (n_cols,) or (0,)).
+    """
+    n = targets.shape[0]
+    device = targets.device
+    row_valid = torch.ones(n, dtype=torch.bool, device=device) if row_valid is None else row_valid
+    col_valid = torch.ones(n_cols, dtype=torch.bool, device=device) if col_valid is None else col_valid
+    tile = tile or default_tile(n)
+    return TiledScoreCrossEntropy.apply(
+        score_fn,
+        len(rows),
+        targets,
+        row_valid,
+        col_valid,
+        float(label_smoothing),
+        int(tile),
+        bool(square),
+        *rows,
+        *cols,
+    )
