@@ -361,14 +361,41 @@ def _set_nested(tree: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def _read_tree(path: Path, seen: tuple = ()) -> dict:
+    """A YAML file as a dict; `base: other.yaml` (relative to this file) is loaded first and
+    this file's keys override it, section by section."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = tree.pop("base", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a path to another YAML config, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: no such file {base_path}")
+    return _deep_merge(_read_tree(base_path, (*seen, path.resolve())), tree)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML run config, apply `a.b=value` overrides and validate."""
+    """Load a YAML run config (following `base:`), apply `a.b=value` overrides and validate."""
     tree: dict = {}
     if path is not None:
-        text = Path(path).read_text()
-        tree = yaml.safe_load(text) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        tree = _read_tree(Path(path))
     for item in overrides:
         keys, value = _parse_override(item)
         _set_nested(tree, keys, value)

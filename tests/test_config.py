@@ -65,3 +65,25 @@ def test_cli_train_refuses_before_any_work(repo_root, tmp_path, override, needle
     assert proc.returncode == 2
     assert needle in proc.stderr
     assert not run_dir.exists()  # nothing was started
+
+
+def test_base_config_is_merged_and_overridden(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  steps: 5\n  lr: 0.01\nrun:\n  dir: x\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  steps: 7\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.train.steps, cfg.train.lr, cfg.run.dir) == (7, 0.01, "x")
+
+
+@pytest.mark.parametrize(
+    "text,needle", [("base: missing.yaml\n", "no such file"), ("base: c.yaml\n", "loops")]
+)
+def test_broken_base_is_refused(tmp_path, text, needle):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_demo_variants_load(repo_root):
+    for name in ("demo-gram.yaml",):
+        cfg = load_config(repo_root / "configs" / name)
+        assert cfg.data.batch_size == load_config(repo_root / "configs/demo.yaml").data.batch_size

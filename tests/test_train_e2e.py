@@ -107,7 +107,7 @@ def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path)
         "MASTER_PORT": str(29400 + os.getpid() % 500),
         "PYTHON": sys.executable,
     }
-    extra = ["train.steps=6", "train.checkpoint_every=3", "data.workers=1"]
+    extra = ["train.steps=6", "train.checkpoint_every=3", "train.eval_every=3", "data.workers=1"]
     subprocess.run(
         [
             "bash",
@@ -126,8 +126,8 @@ def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path)
     assert (
         (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists() and (tag / "model.safetensors").exists()
     )
-    final = [r for r in _metrics(run_dir) if "val/zeroshot/image/top1" in r]
-    assert final, "final evaluation missing from metrics"
+    evals = [r["step"] for r in _metrics(run_dir) if "val/zeroshot/image/top1" in r]
+    assert evals == [3, 6], "periodic (step 3) and final (step 6) evaluations expected"
 
 
 def test_broken_shards_train_to_completion_and_skips_are_reported(repo_root, tmp_path):
