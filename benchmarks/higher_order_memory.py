@@ -1,18 +1,23 @@
 """Peak memory and time of the higher-order losses, forward + backward, against dense references.
 
-  GRAM (3 modalities): mmcontrast gram_loss (closed-form 3 x 3 determinants, tiled) against the
-      dense formulation of the GRAM reference code: the (B, B, 3, 3) Gram tensor, torch.linalg.det,
-      sqrt|det| as volume, cross-entropy both ways with label smoothing 0.1.
+  GRAM (3 modalities): mmcontrast gram_loss (closed-form 3 x 3 determinants, tiled; column tile
+      --gram-tile) against the dense formulation of the GRAM reference code: the (B, B, 3, 3)
+      Gram tensor, torch.linalg.det, sqrt|det| as volume, cross-entropy both ways with label
+      smoothing 0.1. The reference computes one volume matrix per direction (local anchors x
+      gathered tuples, gathered anchors x local tuples), in one process too; "1 pass" shares one
+      matrix, a stricter baseline shown alongside.
   Symile "n_squared" (3 modalities): mmcontrast symile_loss (tiled product columns) against the
       `symile` package's Symile("n_squared"), which materialises B x B^2 logits per anchor.
 
 Every configuration runs in its own subprocess; peak memory is the VmHWM high-water mark after a
 reset through /proc/self/clear_refs, minus the resident set at that moment (the method and
-helpers of benchmarks/loss_memory.py). The package is not run where its logits alone would not
-fit (--max-package-gib); its need at such sizes is extrapolated from the sizes it ran at (peak
-grows as B^3) and bounded below by the size of one anchor's logits.
+helpers of benchmarks/loss_memory.py), after a tiny warm-up call. The package runs only while
+one anchor's logits stay under --max-package-gib (its peak is several times that); beyond, its
+need is extrapolated from the largest size it ran at (peak grows as B^3) and bounded below by
+one anchor's logits.
 
-    python benchmarks/higher_order_memory.py                     # GRAM to B=2048, Symile to B=2048
+    python benchmarks/higher_order_memory.py     # GRAM to B=2048; Symile to 512, then 2048 alone
+                                                 # (~10 min on one core: n B^2 d work per anchor)
     python benchmarks/higher_order_memory.py --gram-sizes 512 --symile-sizes 128 256 --symile-big 0
 """
 
@@ -189,7 +194,7 @@ def main() -> None:
         _print_row(new, one, label="  (vs 1 pass)")
         rows += [ref, one, new]
 
-    fitted = []  # package peak / B^3, to extrapolate its need where it is not run
+    fitted, ran = [], []  # package peak / B^3 by size, to extrapolate its need where it is not run
     for batch in args.symile_sizes:
         ref = None
         if batch**3 * 4 / GIB <= args.max_package_gib:
@@ -198,6 +203,7 @@ def main() -> None:
             rows.append(ref)
             if "error" not in ref:
                 fitted.append(ref["peak_mb"] / batch**3)
+                ran.append(batch)
         new = measure("mmcontrast symile", batch, args.symile_dim, args, args.symile_tile)
         _print_row(new, ref)
         rows.append(new)
@@ -208,8 +214,9 @@ def main() -> None:
         rows.append(new)
         note = f"one anchor's B x B^2 float32 logits alone take {big**3 * 4 / GIB:.0f} GiB"
         if fitted:
-            need_gib = max(fitted) * big**3 / 1024
-            note += f"; its measured peak / B^3 extrapolates to {need_gib:.0f} GiB"
+            # from the largest size run, where the B^3 terms dominate the fixed costs
+            need_gib = fitted[-1] * big**3 / 1024
+            note += f"; its peak / B^3 at B={ran[-1]} extrapolates to {need_gib:.0f} GiB"
             rows.append(
                 {
                     "loss": "symile package (extrapolated)",

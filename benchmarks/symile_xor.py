@@ -13,8 +13,9 @@ with O(N) negatives. Default epochs are fewer than their 100 to stay within minu
 cores (see --epochs). Scores at test time:
   Symile:        MIP(r_a, r_c, r_b)                      (mmcontrast.losses.symile)
   pairwise CLIP: r_a . r_b + r_c . r_b, trained on the sum of the three pairwise InfoNCE losses
-  GRAM:          -Vol(r_b, r_a, r_c); anchor b, because its anchor-to-tuple direction is the
-                 test itself (retrieve b for the (a, c) tuple), and volume is symmetric anyway
+  GRAM:          -Vol(r_b, r_a, r_c), trained with gram_loss's defaults (label smoothing 0.1)
+                 and anchor b: its tuple-to-anchor direction is the test itself (rank the b's
+                 for an (a, c) tuple); the volume is symmetric, so only the loss cares
 
     python benchmarks/symile_xor.py                  # p = 0, 0.2, ..., 1.0
     python benchmarks/symile_xor.py --p 1.0 --epochs 100

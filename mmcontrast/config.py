@@ -291,6 +291,13 @@ def validate(cfg: Config) -> Config:
                 term.options["anchor"],
                 ", ".join(cfg.modalities),
             )
+        if term.name == "symile" and "negatives" in term.options:
+            _check(
+                term.options["negatives"] in ("n", "n_squared"),
+                f"loss.terms[{i}].options.negatives",
+                term.options["negatives"],
+                "n, n_squared",
+            )
         if term.name == "siglip":
             _check(
                 cfg.model.init_logit_bias is not None,

@@ -6,6 +6,7 @@ import os
 import socket
 import traceback
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -16,11 +17,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_numpy(value):
+    """Tensors as numpy arrays: a tensor sent through a queue lives in shared memory that can
+    vanish with the exiting worker."""
+    if isinstance(value, torch.Tensor):
+        return ("__tensor__", value.detach().cpu().numpy().copy())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_numpy(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    return value
+
+
+def _to_torch(value):
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__tensor__":
+        return torch.from_numpy(value[1])
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_torch(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    return value
+
+
 def _worker(rank, world, port, fn, args, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, fn(rank, world, *args), None))
+        queue.put((rank, _to_numpy(fn(rank, world, *args)), None))
     except Exception:
         queue.put((rank, None, traceback.format_exc()))
     finally:
@@ -42,7 +65,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
             rank, value, error = queue.get(timeout=timeout)
             if error:
                 raise RuntimeError(f"rank {rank} failed:\n{error}")
-            results[rank] = value
+            results[rank] = _to_torch(value)
     finally:
         for p in procs:
             p.join(timeout=10)

@@ -84,6 +84,6 @@ def test_broken_base_is_refused(tmp_path, text, needle):
 
 
 def test_demo_variants_load(repo_root):
-    for name in ("demo-gram.yaml",):
+    for name in ("demo-gram.yaml", "demo-symile.yaml"):
         cfg = load_config(repo_root / "configs" / name)
         assert cfg.data.batch_size == load_config(repo_root / "configs/demo.yaml").data.batch_size

@@ -88,9 +88,11 @@ def _record_package_perms(monkeypatch, run):
 # ----------------------------------------------------------------- against the package
 
 
-@pytest.mark.parametrize(
-    "n_mod,n,d,tile", [(3, 1, 4, None), (3, 9, 16, 5), (3, 32, 64, 100), (3, 64, 32, 1000), (4, 6, 8, 7)]
-)
+# tiles of whole runs of the last modality (None; 72 = 3 x 24) and ragged ones (gathered columns)
+CASES = [(3, 1, 4, None), (3, 32, 16, None), (3, 24, 8, 72), (3, 9, 16, 5), (3, 48, 32, 1000), (4, 6, 8, 7)]
+
+
+@pytest.mark.parametrize("n_mod,n,d,tile", CASES)
 def test_n_squared_equals_package(n_mod, n, d, tile):
     reps = _reps(n_mod, n, d, seed=n + d)
     ours = _grads(lambda r, s: symile_loss(r, s, negatives="n_squared", tile=tile), reps, 12.0)
@@ -205,6 +207,19 @@ def test_bad_arguments_are_refused():
         symile_loss(reps, torch.tensor(1.0), negatives="n_squared", generator=torch.Generator())
     with pytest.raises(ValueError, match="one entry per valid"):
         symile_loss(reps, torch.tensor(1.0), permutations=[[torch.arange(3)] * 2] * 3)
+
+
+@pytest.mark.parametrize("negatives", ["n", "n_squared"])
+def test_bf16_inputs_score_in_float32(negatives):
+    reps = _reps(3, 20, 16, seed=8)
+    low = [r.bfloat16().requires_grad_() for r in reps]
+    torch.manual_seed(3)
+    ours = symile_loss(low, torch.tensor(6.0), negatives=negatives, tile=50)
+    torch.manual_seed(3)
+    ref = symile_loss([r.detach().float() for r in low], torch.tensor(6.0), negatives=negatives, tile=50)
+    _close(ours, ref)
+    ours.backward()
+    assert all(r.grad.dtype == torch.bfloat16 for r in low)
 
 
 def test_mip_scores_is_the_multilinear_inner_product():

@@ -6,6 +6,7 @@ from mmcontrast.losses.gram import gram_loss, gram_volume
 from mmcontrast.losses.info_nce import info_nce
 from mmcontrast.losses.registry import TERMS, register_term
 from mmcontrast.losses.siglip import siglip
+from mmcontrast.losses.symile import mip_scores, symile_loss
 from mmcontrast.losses.terms import Objective
 from mmcontrast.losses.tiled import tiled_cross_entropy
 
@@ -16,8 +17,10 @@ __all__ = [
     "gram_loss",
     "gram_volume",
     "info_nce",
+    "mip_scores",
     "register_term",
     "siglip",
+    "symile_loss",
     "tiled_cross_entropy",
     "world_info",
 ]

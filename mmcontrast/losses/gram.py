@@ -14,6 +14,7 @@ from mmcontrast.losses.gather import gather_rows, world_info
 from mmcontrast.losses.tiled import tiled_score_cross_entropy
 
 MIN_DET = 1e-8
+DEFAULT_GRAM_TILE = 128
 
 
 def _gram_det(anchor, others, swap=False):
@@ -94,7 +95,8 @@ def gram_loss(
     n = anchor.shape[0]
     valid = torch.ones(n, dtype=torch.bool, device=anchor.device) if valid is None else valid.bool()
     scale = 1.0 / temperature
-    opts = {"label_smoothing": label_smoothing, "tile": tile}
+    # Small tiles: each tile's autograd graph holds ~10 (n x tile) tensors of the closed-form det.
+    opts = {"label_smoothing": label_smoothing, "tile": tile or DEFAULT_GRAM_TILE}
     _, world = world_info()
     if world == 1:
         total = valid.sum()

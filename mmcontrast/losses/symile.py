@@ -115,7 +115,8 @@ def symile_loss(
 
     reps: M tensors (n, d), row i of each belongs to sample i (L2-normalised in practice);
     logit_scale: (), already exp()-ed, multiplies the MIP. negatives: "n" or "n_squared" (see
-    the module docstring); for M = 2 both are InfoNCE, "n" with the keys shuffled.
+    the module docstring); for M = 2 "n_squared" is symmetric InfoNCE (the package refuses
+    M = 2 there) and "n" is InfoNCE against a shuffled key set.
 
     valid: (n,) bool, False where a sample lacks any of the M modalities. Such samples are left
     out: they are no anchor row and appear in no column (no tuple uses them). This is masking,
@@ -131,7 +132,9 @@ def symile_loss(
     `symile` package's; distributed, a seed drawn on rank 0 is shared, so ranks agree.
 
     Distributed: every rank's reps are gathered with gradients; local rows are scored against
-    the global columns and the result is scaled by world size like info_nce, so data-parallel
+    the global columns (for "n": the global batch's valid samples shuffled by the one shared set
+    of permutations, so the ranks' row losses together are the one-process loss on the
+    concatenated batch) and the result is scaled by world size like info_nce, so data-parallel
     averaging gives the global loss. Returns a scalar.
     """
     reps = list(reps)
@@ -177,7 +180,6 @@ def symile_loss(
                     "Symile negatives differ between ranks: seed the generator alike on every rank"
                 )
 
-    opts = {"label_smoothing": label_smoothing, "tile": tile}
     total = 0.0
     for m in range(n_mod):
         others = [k for k in range(n_mod) if k != m]
@@ -206,7 +208,8 @@ def symile_loss(
                 (keys,),
                 n_valid,
                 position,
-                **opts,
+                label_smoothing=label_smoothing,
+                tile=tile,
             )
         total = total + row_loss.sum()
     return total * (world / (n_mod * n_valid))

@@ -8,6 +8,7 @@ from mmcontrast.losses.gram import gram_loss
 from mmcontrast.losses.info_nce import info_nce
 from mmcontrast.losses.registry import TERMS, register_term
 from mmcontrast.losses.siglip import siglip
+from mmcontrast.losses.symile import symile_loss
 
 
 @register_term("info_nce")
@@ -104,5 +105,29 @@ def gram_term(pairs, anchor: str = "text", label_smoothing: float = 0.1, tile: i
             tile=tile,
         )
         return {f"{anchor}-{'+'.join(others)}": loss}
+
+    return term
+
+
+@register_term("symile")
+def symile_term(pairs, negatives: str = "n", label_smoothing: float = 0.0, tile: int | None = None):
+    """Symile over every modality named in the pairs: each in turn is the anchor of the MIP.
+
+    Samples lacking any of them are masked out (rows and columns), not given a learned stand-in.
+    """
+    if negatives not in ("n", "n_squared"):
+        raise ValueError(f"symile negatives must be 'n' or 'n_squared', got {negatives!r}")
+    modalities = sorted({m for p in pairs for m in p}, key=lambda m: ("image", "text", "audio").index(m))
+
+    def term(embeddings, present, logit_scale, logit_bias=None) -> dict[str, torch.Tensor]:
+        loss = symile_loss(
+            [embeddings[m] for m in modalities],
+            logit_scale,
+            negatives=negatives,
+            valid=_all_present(present, modalities),
+            label_smoothing=label_smoothing,
+            tile=tile,
+        )
+        return {"+".join(modalities): loss}
 
     return term

@@ -170,18 +170,21 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
             stop = min(start + tile, n_cols)
             s = score_fn(rows, cols, start, stop).float()
             cv = col_valid[start:stop]
-            row_side = s.masked_fill(~cv[None, :], float("-inf"))
+            cols_all_valid = bool(cv.all())
+            row_side = s if cols_all_valid else s.masked_fill(~cv[None, :], float("-inf"))
             new_max = torch.maximum(row_max, row_side.max(dim=1).values)
             safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
             row_sum = row_sum * torch.exp(row_max - safe) + (row_side - safe[:, None]).exp_().sum(1)
             row_max = new_max
-            row_mean += s.masked_fill(~cv[None, :], 0.0).sum(1)
+            if eps:
+                row_mean += (s if cols_all_valid else s.masked_fill(~cv[None, :], 0.0)).sum(1)
             here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
             target_scores[here] = s[here, targets[here] - start]
             if square:
                 col_side = s.masked_fill(~row_valid[:, None], float("-inf"))
                 col_lse[start:stop] = torch.logsumexp(col_side, dim=0)
-                col_mean[start:stop] = s.masked_fill(~row_valid[:, None], 0.0).sum(0)
+                if eps:
+                    col_mean[start:stop] = s.masked_fill(~row_valid[:, None], 0.0).sum(0)
         row_lse = torch.log(row_sum) + row_max
         row_loss = row_lse - (1 - eps) * target_scores - eps * row_mean / col_valid.sum()
         col_loss = torch.zeros(0, device=device)
@@ -217,15 +220,21 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
             with torch.no_grad():
                 # d loss_i / d s_ij = g_i (p_ij - (1 - eps) [j = t_i] - eps / C), valid j only
                 sd = s.detach()
-                grad = (sd.masked_fill(~cv[None, :], float("-inf")) - row_lse[:, None]).exp_()
-                grad.sub_(eps / n_valid_cols * cv[None, :]).mul_(g_row[:, None])
+                grad = (sd - row_lse[:, None]).exp_()
+                if not bool(cv.all()):
+                    grad.masked_fill_(~cv[None, :], 0.0)
+                if eps:
+                    grad.sub_(eps / n_valid_cols * cv[None, :])
+                grad.mul_(g_row[:, None])
                 here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
                 grad[here, targets[here] - start] -= (1 - eps) * g_row[here]
                 if square:
-                    col_part = (
-                        sd.masked_fill(~row_valid[:, None], float("-inf")) - col_lse[None, start:stop]
-                    ).exp_()
-                    col_part.sub_(eps / n_valid_rows * row_valid[:, None]).mul_(g_col[None, start:stop])
+                    col_part = (sd - col_lse[None, start:stop]).exp_()
+                    if not bool(row_valid.all()):
+                        col_part.masked_fill_(~row_valid[:, None], 0.0)
+                    if eps:
+                        col_part.sub_(eps / n_valid_rows * row_valid[:, None])
+                    col_part.mul_(g_col[None, start:stop])
                     idx = torch.arange(start, stop, device=sd.device)
                     col_part[idx, idx - start] -= (1 - eps) * g_col[start:stop]
                     grad.add_(col_part)
