@@ -25,6 +25,9 @@ def test_demo_config_loads_with_overrides(repo_root):
         ("data.fields.smell=x", "data.fields.smell"),
         ("loss.terms=[{name: nope}]", "loss.terms[0].name"),
         ("loss.terms=[{name: info_nce, pairs: [[image, image]]}]", "loss.terms[0].pairs"),
+        ("loss.terms=[{name: symile, options: {negatives: nn}}]", "loss.terms[0].options.negatives"),
+        ("loss.terms=[{name: gram, options: {anchor: smell}}]", "loss.terms[0].options.anchor"),
+        ("loss.terms=[{name: siglip}]", "model.init_logit_bias"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(repo_root, override, needle):
