@@ -56,3 +56,13 @@ def gather_rows(x: torch.Tensor, *, with_grad: bool = True) -> tuple[torch.Tenso
     if with_grad and x.requires_grad:
         return _GatherRows.apply(x, counts, offset), offset
     return _all_gather_rows(x.detach(), counts), offset
+
+
+def global_valid(
+    valid: torch.Tensor | None, n: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(local mask, every rank's mask, number of valid rows in the global batch); an absent mask
+    means every local row is valid. Masks carry no gradient."""
+    valid = torch.ones(n, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    valid_all, _ = gather_rows(valid)
+    return valid, valid_all, valid_all.sum()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcontrast.losses.gather import gather_rows, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, world_info
 from mmcontrast.losses.tiled import tiled_score_cross_entropy
 
 MIN_DET = 1e-8
@@ -93,15 +93,14 @@ def gram_loss(
     """
     others = list(others)
     n = anchor.shape[0]
-    valid = torch.ones(n, dtype=torch.bool, device=anchor.device) if valid is None else valid.bool()
+    valid, valid_all, total = global_valid(valid, n, anchor.device)
+    if total == 0:
+        return sum(x.sum() for x in [anchor, *others]) * 0.0
     scale = 1.0 / temperature
     # Small tiles: each tile's autograd graph holds ~10 (n x tile) tensors of the closed-form det.
     opts = {"label_smoothing": label_smoothing, "tile": tile or DEFAULT_GRAM_TILE}
     _, world = world_info()
     if world == 1:
-        total = valid.sum()
-        if total == 0:
-            return sum(x.sum() for x in [anchor, *others]) * 0.0
         targets = torch.arange(n, device=anchor.device)
         rows, cols = tiled_score_cross_entropy(
             lambda r, c, a, b: _volume_logits(r, c, a, b, swap=False),
@@ -118,10 +117,6 @@ def gram_loss(
 
     anchor_all, offset = gather_rows(anchor)
     others_all = [gather_rows(o)[0] for o in others]
-    valid_all, _ = gather_rows(valid)
-    total = valid_all.sum()
-    if total == 0:
-        return sum(x.sum() for x in [anchor, *others]) * 0.0
     targets = torch.arange(n, device=anchor.device) + offset
     big_n = valid_all.shape[0]
     to_tuples, _ = tiled_score_cross_entropy(

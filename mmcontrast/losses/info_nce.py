@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcontrast.losses.gather import gather_rows, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, world_info
 from mmcontrast.losses.tiled import tiled_cross_entropy
 
 
@@ -27,13 +27,12 @@ def info_nce(
     averaging) gives the global mean. In one process it is open_clip's ClipLoss.
     """
     n = a.shape[0]
-    valid = torch.ones(n, dtype=torch.bool, device=a.device) if valid is None else valid.bool()
+    valid, valid_all, total_valid = global_valid(valid, n, a.device)
+    if total_valid == 0:
+        return (a.sum() + b.sum()) * 0.0
     _, world = world_info()
     opts = {"label_smoothing": label_smoothing, "tile": tile}
     if world == 1:
-        total_valid = valid.sum()
-        if total_valid == 0:
-            return (a.sum() + b.sum()) * 0.0
         # one pass over the tiles gives both directions: each column tile holds every row
         targets = torch.arange(n, device=a.device)
         rows, cols = tiled_cross_entropy(
@@ -43,10 +42,6 @@ def info_nce(
 
     a_all, offset = gather_rows(a)
     b_all, _ = gather_rows(b)
-    valid_all, _ = gather_rows(valid)
-    total_valid = valid_all.sum()
-    if total_valid == 0:
-        return (a.sum() + b.sum()) * 0.0
     targets = torch.arange(n, device=a.device) + offset
     ab, _ = tiled_cross_entropy(a, b_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
     ba, _ = tiled_cross_entropy(b, a_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)

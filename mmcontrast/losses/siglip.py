@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmcontrast.losses.gather import gather_rows, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, world_info
 from mmcontrast.losses.tiled import default_tile
 
 
@@ -71,11 +71,9 @@ def siglip(
     by the batch size), scaled by world size for data-parallel gradient averaging.
     """
     n = a.shape[0]
-    valid = torch.ones(n, dtype=torch.bool, device=a.device) if valid is None else valid.bool()
+    valid, valid_all, total_valid = global_valid(valid, n, a.device)
     _, world = world_info()
     b_all, offset = gather_rows(b)
-    valid_all, _ = gather_rows(valid)
-    total_valid = valid_all.sum()
     if total_valid == 0:
         return (a.sum() + b.sum()) * 0.0
     targets = torch.arange(n, device=a.device) + offset

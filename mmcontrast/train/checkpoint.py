@@ -67,9 +67,12 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> 
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rank = dist.get_rank()
     torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
-    weights = full_state_dict(engine)
-    if rank == 0:
-        save_file(weights, str(root / tag / "model.safetensors"))
+    # ZeRO-3 gathers partitions collectively, so every rank must take part; otherwise only rank 0
+    # needs the full copy it writes.
+    if rank == 0 or engine.zero_optimization_stage() == 3:
+        weights = full_state_dict(engine)
+        if rank == 0:
+            save_file(weights, str(root / tag / "model.safetensors"))
     dist.barrier()
     if rank == 0:
         _write_atomic(root / "latest", tag)

@@ -50,10 +50,14 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return {n: v.item() / dist.get_world_size() for n, v in zip(names, stacked, strict=True)}
 
 
-def skipped_over_ranks(loader) -> dict:
-    """Skipped-sample counts and keys summed over every rank (a collective call)."""
+def skipped_over_ranks(loader, with_keys: bool = False) -> dict:
+    """Skipped-sample counts (and, with_keys, the distinct keys) summed over every rank.
+
+    A collective call. Keys grow with every epoch, so the per-step logging gathers counts only.
+    """
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {"counts": dict(loader.skipped), "keys": list(loader.skipped_keys)})
+    local = {"counts": dict(loader.skipped), "keys": list(loader.skipped_keys) if with_keys else []}
+    dist.all_gather_object(gathered, local)
     counts: dict[str, int] = {}
     for part in gathered:
         for reason, n in part["counts"].items():
@@ -159,7 +163,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
 
     # ---- evaluate and finish
     bar.close()
-    skipped = skipped_over_ranks(loader)
+    skipped = skipped_over_ranks(loader, with_keys=True)
     result = {"step": step, "skipped": skipped}
     if rank == 0:
         (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
