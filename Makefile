@@ -10,7 +10,7 @@ DEMO := demo_out
 DEMO_TRAIN ?= 8000
 DEMO_VAL ?= 1000
 
-.PHONY: demo test test-fast lint format install sysdeps clean
+.PHONY: demo demo-coca test test-fast lint format install sysdeps clean
 
 $(BIN)/.installed: setup.cfg constraints.txt pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
@@ -34,6 +34,16 @@ demo: install
 	$(BIN)/mmcontrast train configs/demo.yaml run.dir=$(DEMO)/run
 	$(BIN)/mmcontrast export $(DEMO)/run --out $(DEMO)/export
 	$(BIN)/mmcontrast eval $(DEMO)/export --data "$(DEMO)/world/val-{000000..000000}.tar" --out $(DEMO)/metrics.json
+
+# CoCa (+ audio) on the same world: captions next to zero-shot and retrieval.
+demo-coca: install
+	test -f $(DEMO)/world/manifest.json || $(BIN)/mmcontrast data demo --out $(DEMO)/world --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
+	$(BIN)/mmcontrast train configs/demo-coca.yaml run.dir=$(DEMO)/run-coca
+	$(BIN)/mmcontrast export $(DEMO)/run-coca --out $(DEMO)/export-coca
+	$(BIN)/mmcontrast eval $(DEMO)/export-coca --data "$(DEMO)/world/val-{000000..000000}.tar" --out $(DEMO)/metrics-coca.json
+	mkdir -p $(DEMO)/val-images && tar -xf $(DEMO)/world/val-000000.tar -C $(DEMO)/val-images \
+	  $$(tar -tf $(DEMO)/world/val-000000.tar | grep '\.png$$' | head -4)
+	$(BIN)/mmcontrast caption $(DEMO)/export-coca $(DEMO)/val-images/*.png
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -21,6 +21,13 @@ def _cmd_data_clip_benchmark(args) -> None:
     print(write_clip_benchmark_wds(args.data, args.out))
 
 
+def _cmd_negatives(args) -> None:
+    from mmcontrast.data.negatives import write_negative_shards
+
+    report = write_negative_shards(args.data, args.out, method=args.method, caption_field=args.caption_field)
+    print(json.dumps(report, indent=2))
+
+
 def _cmd_config(args) -> None:
     import yaml
 
@@ -51,7 +58,22 @@ def _cmd_export(args) -> None:
 def _cmd_eval(args) -> None:
     from mmcontrast.eval.run import eval_main
 
-    eval_main(args.export_dir, args.data, args.out, args.batch_size)
+    eval_main(args.export_dir, args.data, args.out, args.batch_size, caption_strategy=args.caption_strategy)
+
+
+def _cmd_caption(args) -> None:
+    from mmcontrast.eval.captions import caption_files
+
+    for path, caption in caption_files(
+        args.export_dir,
+        args.images,
+        args.strategy,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
+        temperature=args.temperature,
+    ):
+        print(f"{path}\t{caption}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--data", required=True, help="val shard URLs")
     cb.add_argument("--out", required=True)
     cb.set_defaults(func=_cmd_data_clip_benchmark)
+
+    negs = sub.add_parser("negatives", help="copy shards, adding a neg.json list of hard-negative captions")
+    negs.add_argument("--data", required=True, help="input shard URLs")
+    negs.add_argument("--out", required=True, help="output folder (shard names are kept)")
+    negs.add_argument("--method", default="rules", choices=["rules", "demo"], help="rules: any caption")
+    negs.add_argument("--caption-field", default="txt")
+    negs.set_defaults(func=_cmd_negatives)
 
     cfg = sub.add_parser("config", help="print the resolved config (validates it)")
     cfg.add_argument("config")
@@ -93,7 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="val shard URLs")
     ev.add_argument("--out", required=True, help="metrics JSON file")
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument(
+        "--caption-strategy",
+        default="greedy",
+        choices=["greedy", "top_k", "top_p", "beam", ""],
+        help="CoCa exports: caption the val images this way ('' skips captions)",
+    )
     ev.set_defaults(func=_cmd_eval)
+
+    cap = sub.add_parser("caption", help="caption images with an exported CoCa model (one line each)")
+    cap.add_argument("export_dir")
+    cap.add_argument("images", nargs="+")
+    cap.add_argument("--strategy", default="greedy", choices=["greedy", "top_k", "top_p", "beam"])
+    cap.add_argument("--seed", type=int, default=0, help="seeds the sampling strategies")
+    cap.add_argument("--max-tokens", type=int, default=30, help="start and end tokens included")
+    cap.add_argument(
+        "--min-tokens",
+        type=int,
+        default=2,
+        help="no end token before this many tokens (start token included)",
+    )
+    cap.add_argument("--temperature", type=float, default=1.0)
+    cap.set_defaults(func=_cmd_caption)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,10 @@ class DataConfig:
     )
     audio_sample_rate: int = 16000
     audio_seconds: float = 1.0
+    # hard-negative captions per sample: "" (none), "shard" (a neg.json list in the sample),
+    # "demo" (from the demo world's json metadata) or "rules" (rewritten from the caption)
+    negatives: str = ""
+    negatives_per_sample: int = 2
 
 
 @dataclass
@@ -107,6 +112,8 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 256
     templates: list[str] = field(default_factory=lambda: ["a {}.", "a photo of a {}.", "the sound of a {}."])
+    # CoCa models: captions generated for the val images with this strategy ("" skips it)
+    caption_strategy: str = "greedy"
 
 
 @dataclass
@@ -132,6 +139,9 @@ class Config:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -179,6 +189,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -240,6 +252,12 @@ def validate(cfg: Config) -> Config:
     _check(d.shuffle_buffer >= 0, "data.shuffle_buffer", d.shuffle_buffer, "an integer >= 0")
     _check(d.audio_sample_rate > 0, "data.audio_sample_rate", d.audio_sample_rate, "a positive integer")
     _check(d.audio_seconds > 0, "data.audio_seconds", d.audio_seconds, "a number > 0")
+    _check(
+        d.negatives in ("", "shard", "demo", "rules"), "data.negatives", d.negatives, "'', shard, demo, rules"
+    )
+    _check(
+        d.negatives_per_sample >= 1, "data.negatives_per_sample", d.negatives_per_sample, "an integer >= 1"
+    )
     for m in d.fields:
         _check(m in MODALITIES, f"data.fields.{m}", m, ", ".join(MODALITIES))
     _check(len(cfg.modalities) >= 2, "data.fields", list(d.fields), "at least two modalities")
@@ -267,6 +285,12 @@ def validate(cfg: Config) -> Config:
         "model.clip",
         cfg.model.clip,
         "an open_clip model name or config dict",
+    )
+    _check(
+        cfg.eval.caption_strategy in ("", "greedy", "top_k", "top_p", "beam"),
+        "eval.caption_strategy",
+        cfg.eval.caption_strategy,
+        "greedy, top_k, top_p, beam, or '' (no caption evaluation)",
     )
     _check(len(cfg.loss.terms) >= 1, "loss.terms", cfg.loss.terms, "at least one objective term")
     for i, term in enumerate(cfg.loss.terms):
@@ -297,6 +321,37 @@ def validate(cfg: Config) -> Config:
                 f"loss.terms[{i}].options.negatives",
                 term.options["negatives"],
                 "n, n_squared",
+            )
+        if term.name == "caption":
+            _check(
+                isinstance(cfg.model.clip, dict)
+                and "multimodal_cfg" in cfg.model.clip
+                or isinstance(cfg.model.clip, str)
+                and cfg.model.clip.startswith("coca"),
+                "model.clip",
+                cfg.model.clip if isinstance(cfg.model.clip, str) else "(inline config)",
+                "a CoCa model (an open_clip coca_* name or a config with multimodal_cfg) for the caption term",
+            )
+            _check(
+                {"image", "text"} <= set(cfg.modalities)
+                and (term.pairs == "all" or resolve_pairs(term.pairs, cfg.modalities) == [("image", "text")]),
+                f"loss.terms[{i}].pairs",
+                term.pairs,
+                "all or [[image, text]], with image and text in data.fields (captions are image -> text)",
+            )
+        if term.name in ("negclip", "degla"):
+            _check(
+                bool(d.negatives),
+                "data.negatives",
+                d.negatives,
+                f"shard, demo or rules: the {term.name} term needs negative captions",
+            )
+        if term.name == "degla":
+            _check(
+                t.zero_stage < 3,
+                "train.zero_stage",
+                t.zero_stage,
+                "0, 1 or 2 with a degla term (its EMA teacher copies full, unpartitioned weights)",
             )
         if term.name == "siglip":
             _check(

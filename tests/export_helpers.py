@@ -13,6 +13,7 @@ from mmcontrast.model.multimodal import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+DEMO_COCA_CONFIG = ROOT / "configs" / "demo-coca.yaml"
 
 
 def randomise_state(model, seed: int, logit_scale: float = 5.0) -> None:
@@ -28,13 +29,13 @@ def randomise_state(model, seed: int, logit_scale: float = 5.0) -> None:
         model.clip.logit_scale.fill_(logit_scale)
 
 
-def make_run_dir(run_dir, steps=(600,), seed: int = 0, overrides=()):
+def make_run_dir(run_dir, steps=(600,), seed: int = 0, overrides=(), config=DEMO_CONFIG):
     """Write config.yaml and one checkpoint per step (different weights each); `latest` -> last step.
 
     Returns (cfg, {tag: model}) with the models in eval mode.
     """
     run_dir = Path(run_dir)
-    cfg = load_config(DEMO_CONFIG, [f"run.dir={run_dir}", *overrides])
+    cfg = load_config(config, [f"run.dir={run_dir}", *overrides])
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     models = {}

@@ -11,6 +11,8 @@ def test_demo_config_loads_with_overrides(repo_root):
     assert cfg.train.steps == 7 and cfg.run.dir == "/tmp/x" and cfg.data.val == "v.tar"
     assert cfg.modalities == ["image", "text", "audio"]
     assert cfg.data.train.startswith("demo_out/world/train-")
+    # YAML 1.1 reads 3e-4 as a string: numbers in exponent form still work
+    assert load_config(repo_root / "configs/demo.yaml", ["train.lr=3e-4"]).train.lr == 3e-4
 
 
 @pytest.mark.parametrize(
@@ -20,6 +22,8 @@ def test_demo_config_loads_with_overrides(repo_root):
         ("trian.steps=5", "trian"),
         ("train.steps=0", "train.steps"),  # out of range
         ("train.steps=many", "train.steps"),  # wrong type
+        ("train.lr=1e-3x", "train.lr"),
+        ("eval.caption_strategy=sample", "eval.caption_strategy"),
         ("train.precision=fp8", "train.precision"),
         ("run.wandb=maybe", "run.wandb"),
         ("data.fields.smell=x", "data.fields.smell"),
@@ -87,6 +91,6 @@ def test_broken_base_is_refused(tmp_path, text, needle):
 
 
 def test_demo_variants_load(repo_root):
-    for name in ("demo-gram.yaml", "demo-symile.yaml"):
+    for name in ("demo-gram.yaml", "demo-symile.yaml", "demo-coca.yaml"):
         cfg = load_config(repo_root / "configs" / name)
         assert cfg.data.batch_size == load_config(repo_root / "configs/demo.yaml").data.batch_size

@@ -64,9 +64,19 @@ def _train_losses(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in _metrics(run_dir) if "loss" in r}
 
 
-def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world, tmp_path):
+# Hard-negative captions, NegCLIP columns and DeGLA with its EMA teacher: the teacher must be
+# checkpointed and restored for the resumed losses to match.
+NEGATIVES = [
+    "data.negatives=demo",
+    "loss.terms=[{name: info_nce, pairs: [[image, audio]]}, {name: negclip, pairs: [[image, text]]},"
+    " {name: degla, pairs: [[image, text]], options: {ema: 0.8}}]",
+]
+
+
+@pytest.mark.parametrize("objective", [[], NEGATIVES], ids=["info_nce", "negatives_degla"])
+def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world, tmp_path, objective):
     steps = 14
-    extra = [f"train.steps={steps}", "train.checkpoint_every=4", "data.workers=2", "data.val=''"]
+    extra = [f"train.steps={steps}", "train.checkpoint_every=4", "data.workers=2", "data.val=''", *objective]
     reference = tmp_path / "reference"
     subprocess.run(_train_cmd(repo_root, _overrides(world, reference, *extra)), check=True, timeout=600)
 
@@ -97,6 +107,9 @@ def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world
         assert res[s]["loss"] == pytest.approx(ref[s]["loss"], abs=1e-5), f"step {s}"
     # Adam state continued: the step counts in the final checkpoints agree
     assert (killed / "checkpoints" / "latest").read_text().strip() == f"step_{steps:07d}"
+    if objective:
+        assert (killed / "checkpoints" / saved_tag / "teacher.safetensors").is_file()
+        assert res[steps]["degla/distill"] > 0 and "negclip/image-text" in res[steps]
 
 
 def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path):

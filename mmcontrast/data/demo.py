@@ -185,19 +185,21 @@ def _random_objects(rng: np.random.Generator) -> list[dict]:
     return objects
 
 
+def render_caption(template: str, objects: list[dict]) -> str:
+    """A caption template ({a}, {b}: objects with article; {o}: without) filled with objects."""
+    a = objects[0]
+    fields = {"a": _with_article(a["color"], a["shape"]), "o": f"{a['color']} {a['shape']}"}
+    if len(objects) > 1:
+        fields["b"] = _with_article(objects[1]["color"], objects[1]["shape"])
+    return template.format(**fields)
+
+
 def make_sample(key: str, rng: np.random.Generator) -> dict:
     """One demo sample as a webdataset dict of encoded bytes."""
     objects = _random_objects(rng)
-    if len(objects) == 1:
-        o = objects[0]
-        template = SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))]
-        caption = template.format(a=_with_article(o["color"], o["shape"]), o=f"{o['color']} {o['shape']}")
-    else:
-        left, right = objects
-        template = PAIR_TEMPLATES[rng.integers(len(PAIR_TEMPLATES))]
-        caption = template.format(
-            a=_with_article(left["color"], left["shape"]), b=_with_article(right["color"], right["shape"])
-        )
+    templates = SINGLE_TEMPLATES if len(objects) == 1 else PAIR_TEMPLATES
+    template = templates[rng.integers(len(templates))]
+    caption = render_caption(template, objects)
     light = rng.uniform() < 0.5
     grey = int(rng.integers(170, 231) if light else rng.integers(25, 86))
     meta = {"objects": objects, "caption_template": template, "background": grey}

@@ -257,6 +257,8 @@ class _RoleStream(IterableDataset):
         self.train, self.resampled = train, resampled
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.roles, self.batch_size = roles, batch_size
+        self.negatives = cfg.negatives if "text" in self.modalities else ""
+        self.negatives_per_sample = cfg.negatives_per_sample
         # set per epoch by ShardLoader before workers start
         self.epoch, self.rotation = 0, 0
         self.offsets, self.done = [0] * roles, [False] * roles
@@ -334,7 +336,50 @@ class _RoleStream(IterableDataset):
             except ValueError:
                 meta = None  # metadata is optional; a bad one does not cost the sample
         out["meta"] = meta
+        if self.negatives and "text" in out:
+            out["text_negatives"], out["text_negatives_valid"], problem = self._negatives(
+                raw, caption, meta, role, index
+            )
+            if problem:
+                out["negatives_skip"] = problem
         return out, None
+
+    def _negatives(self, raw: dict, caption: str, meta, role: int, index: int):
+        """(k, L) tokens, (k,) valid mask and a skip reason (or None) for a sample's negatives.
+
+        All three sources give a list of strings, then the same selection and tokenization.
+        A negatives problem is counted ("negatives/<reason>") and costs only the negatives.
+        """
+        from mmcontrast.data import negatives as neg
+
+        texts, problem = [], None
+        if self.negatives == "shard":
+            if "neg.json" not in raw:
+                problem = "missing_neg_json"
+            else:
+                try:
+                    texts = json.loads(raw["neg.json"])
+                    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+                        raise ValueError("neg.json must hold a list of strings")
+                except (ValueError, UnicodeDecodeError):
+                    texts, problem = [], "bad_neg_json"
+        elif self.negatives == "demo":
+            if isinstance(meta, dict) and "caption_template" in meta and "objects" in meta:
+                texts = list(neg.demo_negatives(meta, neg.sample_rng(raw["__key__"])).values())
+            else:
+                problem = "no_demo_metadata"
+        else:
+            texts = list(neg.rule_negatives(caption, neg.sample_rng(raw["__key__"])).values())
+        texts = [t.strip() for t in texts if t.strip() and t.strip() != caption]
+        if self.train:  # a different choice of k each epoch, replayed exactly on resume
+            random.Random(_seed_int(self.seed, self.epoch, self.rank, role, index, "negatives")).shuffle(
+                texts
+            )
+        texts = texts[: self.negatives_per_sample]
+        k = self.negatives_per_sample
+        tokens = self.tokenizer(texts + [""] * (k - len(texts)))
+        valid = torch.tensor([i < len(texts) for i in range(k)], dtype=torch.bool)
+        return tokens, valid, problem
 
     def _transform_image(self, image: Image.Image, role: int, index: int) -> torch.Tensor:
         if not self.train:
@@ -362,6 +407,13 @@ class _RoleStream(IterableDataset):
             zeros = torch.zeros_like(ref) if ref is not None else self._zeros(m)
             batch[m] = torch.stack([s.get(m, zeros) for s in samples])
             batch["present"][m] = torch.tensor(present, dtype=torch.bool)
+        if self.negatives:
+            k = self.negatives_per_sample
+            empty = self.tokenizer([""] * k)
+            batch["text_negatives"] = torch.stack([s.get("text_negatives", empty) for s in samples])
+            batch["present"]["text_negatives"] = torch.stack(
+                [s.get("text_negatives_valid", torch.zeros(k, dtype=torch.bool)) for s in samples]
+            )
         batch["__key__"] = [s["__key__"] for s in samples]
         batch["__url__"] = [s["__url__"] for s in samples]
         batch["meta"] = [s["meta"] for s in samples]
@@ -395,6 +447,9 @@ class _RoleStream(IterableDataset):
                 skipped[reason] = skipped.get(reason, 0) + 1
                 skipped_keys.append(key)
                 continue
+            if "negatives_skip" in sample:  # the sample stays; only its negatives are lost
+                reason = f"negatives/{sample.pop('negatives_skip')}"
+                skipped[reason] = skipped.get(reason, 0) + 1
             samples.append(sample)
             if len(samples) == self.batch_size:
                 yield emit(self.collate(samples), count)

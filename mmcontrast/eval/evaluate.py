@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import combinations
 
 import torch
 
 from mmcontrast.config import MODALITIES
+from mmcontrast.eval.composition import composition_choices, composition_metrics
 from mmcontrast.eval.metrics import (
     CHUNK,
     class_embeddings,
@@ -37,12 +38,18 @@ class EvalSet:
     groups: dict[str, torch.Tensor]  # modality -> (N,) id shared by rows with identical inputs
     labels: torch.Tensor  # (N,) zero-shot class index, -1 when not a known single-object sample
     keys: list[str]
+    captions: list[str] = field(default_factory=list)  # generated, for samples with image and meta
+    caption_metas: list[dict] = field(default_factory=list)
+    composition: list[tuple[str, bool]] = field(default_factory=list)  # (category, true caption won)
+
+
+def _parse_meta(meta):
+    return json.loads(meta) if isinstance(meta, (bytes, str)) else meta
 
 
 def single_object_label(meta, class_names: list[str]) -> int:
     """Class index of a sample whose metadata lists exactly one object, else -1."""
-    if isinstance(meta, (bytes, str)):
-        meta = json.loads(meta)
+    meta = _parse_meta(meta)
     objects = (meta or {}).get("objects") or []
     if len(objects) != 1:
         return -1
@@ -69,14 +76,17 @@ def _batch_size(batch: dict, modalities: list[str]) -> int:
 
 
 @torch.no_grad()
-def collect(model, batches: Iterable[dict], class_names: list[str]) -> EvalSet:
-    """Encode every present item of every batch; one pass, so streaming loaders work."""
+def collect(model, batches: Iterable[dict], class_names: list[str], caption_fn=None) -> EvalSet:
+    """Encode every present item of every batch; one pass, so streaming loaders work.
+
+    caption_fn(images) -> captions, when given, captions every image that has metadata.
+    """
     modalities = [m for m in MODALITIES if m in model.modalities]
     device, float_dtype = model_device(model), model_float_dtype(model)
     parts = {m: [] for m in modalities}
     present = {m: [] for m in modalities}
     digests = {m: [] for m in modalities}
-    labels, keys = [], []
+    labels, keys, captions, caption_metas, composition = [], [], [], [], []
     for batch in batches:
         n = _batch_size(batch, modalities)
         masks = batch.get("present", {})
@@ -100,8 +110,23 @@ def collect(model, batches: Iterable[dict], class_names: list[str]) -> EvalSet:
             present[m].append(mask)
             digests[m].extend(row_digest)
         metas = batch.get("meta") or [None] * n
+        batch_keys = list(batch.get("__key__") or [f"{len(keys) + i}" for i in range(n)])
         labels.extend(single_object_label(meta, class_names) for meta in metas)
-        keys.extend(batch.get("__key__") or [""] * n)
+        if "image" in present and "text" in present and batch.get("meta"):
+            rows = present["image"][-1].nonzero().flatten().tolist()
+            composition += composition_choices(
+                model,
+                parts["image"][-1][rows].to(device),
+                [_parse_meta(metas[i]) for i in rows],
+                [batch_keys[i] for i in rows],
+            )
+        if caption_fn is not None and "image" in present and "image" in batch:
+            rows = [i for i in present["image"][-1].nonzero().flatten().tolist() if metas[i] is not None]
+            if rows:
+                images = batch["image"][rows].to(device, dtype=float_dtype)
+                captions.extend(caption_fn(images))
+                caption_metas.extend(_parse_meta(metas[i]) for i in rows)
+        keys.extend(batch_keys)
     if not keys:
         raise ValueError("no eval batches: the eval data is empty")
     groups = {}
@@ -114,6 +139,9 @@ def collect(model, batches: Iterable[dict], class_names: list[str]) -> EvalSet:
         groups=groups,
         labels=torch.tensor(labels, dtype=torch.long),
         keys=keys,
+        captions=captions,
+        caption_metas=caption_metas,
+        composition=composition,
     )
 
 
@@ -191,17 +219,33 @@ def higher_order_metrics(data: EvalSet, class_emb: torch.Tensor | None, ks=KS) -
 
 
 @torch.no_grad()
-def evaluate(model, batches: Iterable[dict], templates: list[str], class_names: list[str], ks=KS) -> dict:
+def evaluate(
+    model,
+    batches: Iterable[dict],
+    templates: list[str],
+    class_names: list[str],
+    ks=KS,
+    caption_strategy: str = "",
+) -> dict:
     """Metrics dict (fractions in [0, 1] and sample counts) for `model` on one pass of `batches`.
 
     Keys: "zeroshot/<modality>/top1|top5|n" over single-object samples, and
     "retrieval/<a>-><b>/R@1|R@5" plus "retrieval/<a>-<b>/n" over samples holding both modalities.
+    With a caption_strategy and a CoCa model, also "caption/single_object|two_object[/n]": how
+    often the generated caption names each object's colour and shape (see eval.captions).
     The model is put in eval mode (BatchNorm running stats) and restored afterwards.
     """
     was_training = model.training
     model.eval()
+    caption_fn = None
+    if caption_strategy and hasattr(model.clip, "text_decoder"):
+        from mmcontrast.eval.captions import generate_captions
+
+        def caption_fn(images):
+            return generate_captions(model.clip, images, caption_strategy)
+
     try:
-        data = collect(model, batches, list(class_names))
+        data = collect(model, batches, list(class_names), caption_fn)
         class_emb = None
         if "text" in model.modalities and class_names and templates:
             class_emb = class_embeddings(
@@ -211,6 +255,12 @@ def evaluate(model, batches: Iterable[dict], templates: list[str], class_names: 
                 list(templates),
                 model_device(model),
             ).cpu()
-        return metrics_from(data, class_emb, ks)
+        metrics = metrics_from(data, class_emb, ks)
+        metrics.update(composition_metrics(data.composition))
+        if data.captions:
+            from mmcontrast.eval.captions import caption_metrics
+
+            metrics.update(caption_metrics(data.captions, data.caption_metas))
+        return metrics
     finally:
         model.train(was_training)

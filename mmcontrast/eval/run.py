@@ -47,7 +47,13 @@ def evaluate_on_urls(
         batch_size=cfg.eval.batch_size,
         workers=cfg.data.workers if workers is None else workers,
     )
-    return evaluate(model, loader, cfg.eval.templates, list(class_names or default_class_names()))
+    return evaluate(
+        model,
+        loader,
+        cfg.eval.templates,
+        list(class_names or default_class_names()),
+        caption_strategy=cfg.eval.caption_strategy,
+    )
 
 
 def evaluate_export(
@@ -59,11 +65,12 @@ def evaluate_export(
     templates: list[str] | None = None,
     class_names: list[str] | None = None,
     device: str = "cpu",
+    caption_strategy: str = "greedy",
 ) -> dict:
     """Load an export, run zero-shot and retrieval on `urls` and (optionally) write the metrics JSON.
 
     Templates default to the ones the run was configured with (recorded in the export), class
-    names to the 24 demo classes.
+    names to the 24 demo classes. A CoCa export also captions every image (caption_strategy).
     """
     from mmcontrast.data.pipeline import make_loader
     from mmcontrast.export import load_exported
@@ -78,7 +85,7 @@ def evaluate_export(
         tokenizer=model.tokenizer,
         train=False,
     )
-    metrics = evaluate(model, loader, templates, class_names)
+    metrics = evaluate(model, loader, templates, class_names, caption_strategy=caption_strategy)
     if out_json is not None:
         write_json_atomic(out_json, metrics)
     return metrics
@@ -137,12 +144,35 @@ def format_metrics_table(metrics: dict) -> str:
             lines.append(
                 f"  {label:<28} {_pct(metrics.get(f'{prefix}/R@1')):>7} {_pct(metrics.get(f'{prefix}/R@5')):>7}"
             )
+    categories = [k.split("/")[1] for k in metrics if k.startswith("composition/") and k.endswith("/n")]
+    if categories:
+        if lines:
+            lines.append("")
+        lines += [
+            "composition: true caption vs hard negative (chance 50)",
+            f"  {'category':<20} {'acc':>7} {'n':>7}",
+        ]
+        for category in categories:
+            n = metrics[f"composition/{category}/n"]
+            lines.append(f"  {category:<20} {_pct(metrics.get(f'composition/{category}')):>7} {n:>7}")
+    kinds = [k for k in ("single_object", "two_object") if f"caption/{k}/n" in metrics]
+    if kinds:
+        if lines:
+            lines.append("")
+        lines += ["captions naming every object's colour and shape", f"  {'samples':<20} {'acc':>7} {'n':>7}"]
+        for kind in kinds:
+            acc = metrics.get(f"caption/{kind}")
+            lines.append(f"  {kind.replace('_', '-'):<20} {_pct(acc):>7} {metrics[f'caption/{kind}/n']:>7}")
     return "\n".join(lines) if lines else "(no metrics)"
 
 
-def eval_main(export_dir, data: str, out, batch_size: int = 256, workers: int = 0) -> dict:
+def eval_main(
+    export_dir, data: str, out, batch_size: int = 256, workers: int = 0, caption_strategy: str = "greedy"
+) -> dict:
     """Entry point for `mmcontrast eval`: evaluate, write `out` (JSON), print the table, return metrics."""
-    metrics = evaluate_export(export_dir, data, out, batch_size=batch_size, workers=workers)
+    metrics = evaluate_export(
+        export_dir, data, out, batch_size=batch_size, workers=workers, caption_strategy=caption_strategy
+    )
     print(format_metrics_table(metrics))
     print(f"metrics written to {out}")
     return metrics

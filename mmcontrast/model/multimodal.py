@@ -14,6 +14,7 @@ import open_clip
 import torch
 from torch import nn
 
+from mmcontrast.model.coca import coca_forward, init_decoder, is_coca_config
 from mmcontrast.model.towers import create_tower
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -61,7 +62,10 @@ class MultimodalModel(nn.Module):
         super().__init__()
         self.clip_cfg = clip_cfg
         self.modalities = list(modalities)
+        self.is_coca = is_coca_config(clip_cfg)
         self.clip, self.train_transform, self.val_transform, self.tokenizer = create_open_clip(clip_cfg)
+        if self.is_coca:
+            init_decoder(self.clip.text_decoder)
         # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes: keep shape (1,)
         # here and give open_clip its scalar back in open_clip_state_dict().
         self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
@@ -104,8 +108,28 @@ class MultimodalModel(nn.Module):
             return self.clip.encode_text(x, normalize=True)
         return self.towers[modality](x)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {m: self.encode(m, batch[m]) for m in self.modalities if m in batch}
+    def forward(self, batch: dict, captions: bool = False, caption_chunk: int | None = None) -> dict:
+        """{modality: (b, d) embedding}; with `captions` (a CoCa model) also "caption": the
+        (summed token NLL, token count) of the teacher-forced captions of samples holding both
+        an image and a text, computed in chunks of `caption_chunk` tokens."""
+        out = {}
+        if captions:
+            if not self.is_coca:
+                raise ValueError("captions need a CoCa model: model.clip must have a multimodal_cfg")
+            present = batch.get("present", {})
+            valid = present["image"] & present["text"] if "image" in present and "text" in present else None
+            out["image"], out["text"], nll_sum, tokens = coca_forward(
+                self.clip, batch["image"], batch["text"], valid=valid, chunk=caption_chunk
+            )
+            out["caption"] = (nll_sum, tokens)
+        for m in self.modalities:
+            if m in batch and m not in out:
+                out[m] = self.encode(m, batch[m])
+        if "text_negatives" in batch and "text" in self.modalities:  # hard-negative captions (b, k, L)
+            b, k, length = batch["text_negatives"].shape
+            flat = self.encode("text", batch["text_negatives"].reshape(b * k, length))
+            out["text_negatives"] = flat.reshape(b, k, -1)
+        return out
 
 
 def build_model(model_cfg, modalities) -> MultimodalModel:

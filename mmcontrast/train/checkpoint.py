@@ -60,8 +60,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, weights_files=None) -> str:
+    """Collective: every rank calls it. Returns the tag written.
+
+    weights_files: {name: state dict} rank 0 also writes as <tag>/<name>.safetensors (e.g. the
+    EMA teacher), before `latest` moves, so a resumed run finds them with the rest.
+    """
     root = checkpoint_root(run_dir)
     tag = f"step_{step:07d}"
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
@@ -73,6 +77,9 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> 
         weights = full_state_dict(engine)
         if rank == 0:
             save_file(weights, str(root / tag / "model.safetensors"))
+    if rank == 0:
+        for name, state in (weights_files or {}).items():
+            save_file(state, str(root / tag / f"{name}.safetensors"))
     dist.barrier()
     if rank == 0:
         _write_atomic(root / "latest", tag)
@@ -85,14 +92,12 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int) -> 
 
 
 def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
-    (
-        """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data).
+    """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data, and
+    "tag").
 
     RNG states are left to the caller: it restores them once the data loader has started, since
     starting a DataLoader draws from torch's RNG.
     """
-        ""
-    )
     root = checkpoint_root(run_dir)
     tag = tag or latest_tag(run_dir)
     if tag is None:
@@ -105,4 +110,16 @@ def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
         raise FileNotFoundError(
             f"{state_file} is missing: was this checkpoint written with a different number of ranks?"
         )
-    return torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=False)
+    state["tag"] = tag
+    return state
+
+
+def load_weights_file(run_dir, tag: str, name: str) -> dict[str, torch.Tensor]:
+    """A <tag>/<name>.safetensors written through save_checkpoint(weights_files=...)."""
+    from safetensors.torch import load_file
+
+    path = checkpoint_root(run_dir) / tag / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the checkpoint was written without {name!r}")
+    return load_file(str(path))

@@ -81,4 +81,8 @@ def build_engine(model: torch.nn.Module, cfg):
         lr_scheduler=schedule,
         config=deepspeed_config(t, cfg.data.batch_size),
     )
+    if t.zero_stage == 3 and getattr(model, "is_coca", False):
+        # The caption loss reads the decoder's output projection outside the decoder's own
+        # forward (losses.caption chunks it): ZeRO-3 must gather it for the whole model forward.
+        deepspeed.zero.register_external_parameter(model, model.clip.text_decoder.text_projection)
     return engine

@@ -18,9 +18,16 @@ from mmcontrast.config import Config
 from mmcontrast.data.pipeline import make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
-from mmcontrast.train.checkpoint import latest_tag, load_checkpoint, save_checkpoint, set_rng_state
+from mmcontrast.train.checkpoint import (
+    latest_tag,
+    load_checkpoint,
+    load_weights_file,
+    save_checkpoint,
+    set_rng_state,
+)
 from mmcontrast.train.engine import build_engine, init_distributed
 from mmcontrast.train.metrics import MetricsLogger
+from mmcontrast.train.teacher import EmaTeacher
 
 log = logging.getLogger("mmcontrast.train")
 
@@ -94,6 +101,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
         state = load_checkpoint(engine, run_dir)
         log.info("resumed from %s at step %d", latest_tag(run_dir), state["step"])
     step = state["step"] if state else 0
+    teacher = None
+    if objective.teacher_decay is not None:  # e.g. degla: an EMA copy of the model, checkpointed
+        teacher = EmaTeacher(engine.module, objective.teacher_decay)
+        if state:
+            teacher.load_state_dict(load_weights_file(run_dir, state["tag"], "teacher"))
     seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout per rank
 
     loader = make_loader(
@@ -124,12 +136,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
     # ---- loop
     while step < cfg.train.steps:
         batch = to_device(next(batches), engine.device, float_dtype)
-        embeddings = engine(batch)
+        embeddings = engine(batch, **objective.forward_kwargs)
+        if teacher is not None:
+            embeddings["teacher"] = teacher(batch)
         loss, parts = objective(
             embeddings, batch["present"], engine.module.logit_scale(), engine.module.logit_bias()
         )
         engine.backward(loss)
         engine.step()
+        if teacher is not None:
+            teacher.update(engine.module)
         step += 1
         samples_seen += len(batch["__key__"])
         bar.update(1)
@@ -159,7 +175,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
             dist.barrier()
 
         if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == cfg.train.steps:
-            save_checkpoint(engine, run_dir, step, {"data": loader.state_dict()}, cfg.train.keep_checkpoints)
+            save_checkpoint(
+                engine,
+                run_dir,
+                step,
+                {"data": loader.state_dict()},
+                cfg.train.keep_checkpoints,
+                weights_files={"teacher": teacher.state_dict()} if teacher is not None else None,
+            )
 
     # ---- evaluate and finish
     bar.close()
