@@ -71,6 +71,8 @@ class ModelConfig:
     audio: AudioTowerConfig | None = field(default_factory=AudioTowerConfig)
     init_logit_scale: float = 2.6592  # ln(1/0.07), as CLIP
     init_logit_bias: float | None = None  # a learnable logit bias (SigLIP: -10, with scale ln 10)
+    # open_clip's training augmentation (AugmentationCfg keys), e.g. {scale: [0.9, 1.0]}
+    image_augment: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -292,6 +294,16 @@ def validate(cfg: Config) -> Config:
         cfg.eval.caption_strategy,
         "greedy, top_k, top_p, beam, or '' (no caption evaluation)",
     )
+    if cfg.model.image_augment:
+        import dataclasses
+
+        from open_clip.transform import AugmentationCfg
+
+        allowed = [f.name for f in dataclasses.fields(AugmentationCfg)]
+        for key in cfg.model.image_augment:
+            _check(
+                key in allowed, f"model.image_augment.{key}", cfg.model.image_augment[key], ", ".join(allowed)
+            )
     _check(len(cfg.loss.terms) >= 1, "loss.terms", cfg.loss.terms, "at least one objective term")
     for i, term in enumerate(cfg.loss.terms):
         _check(term.name in TERMS, f"loss.terms[{i}].name", term.name, ", ".join(sorted(TERMS)))

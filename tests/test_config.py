@@ -13,6 +13,8 @@ def test_demo_config_loads_with_overrides(repo_root):
     assert cfg.data.train.startswith("demo_out/world/train-")
     # YAML 1.1 reads 3e-4 as a string: numbers in exponent form still work
     assert load_config(repo_root / "configs/demo.yaml", ["train.lr=3e-4"]).train.lr == 3e-4
+    augment = load_config(repo_root / "configs/demo.yaml", ["model.image_augment={scale: [1.0, 1.0]}"])
+    assert augment.model.image_augment == {"scale": [1.0, 1.0]}
 
 
 @pytest.mark.parametrize(
@@ -24,6 +26,7 @@ def test_demo_config_loads_with_overrides(repo_root):
         ("train.steps=many", "train.steps"),  # wrong type
         ("train.lr=1e-3x", "train.lr"),
         ("eval.caption_strategy=sample", "eval.caption_strategy"),
+        ("model.image_augment={scael: [1, 1]}", "model.image_augment.scael"),
         ("train.precision=fp8", "train.precision"),
         ("run.wandb=maybe", "run.wandb"),
         ("data.fields.smell=x", "data.fields.smell"),
@@ -94,3 +97,17 @@ def test_demo_variants_load(repo_root):
     for name in ("demo-gram.yaml", "demo-symile.yaml", "demo-coca.yaml"):
         cfg = load_config(repo_root / "configs" / name)
         assert cfg.data.batch_size == load_config(repo_root / "configs/demo.yaml").data.batch_size
+
+
+def test_image_augment_reaches_the_training_transform(repo_root):
+    from torchvision.transforms import RandomResizedCrop
+
+    from mmcontrast.model.multimodal import build_model
+
+    cfg = load_config(repo_root / "configs/demo.yaml", ["model.image_augment={scale: [0.5, 0.6]}"])
+    crops = [
+        t
+        for t in build_model(cfg.model, cfg.modalities).train_transform.transforms
+        if isinstance(t, RandomResizedCrop)
+    ]
+    assert len(crops) == 1 and tuple(crops[0].scale) == (0.5, 0.6)

@@ -30,7 +30,7 @@ def resolve_clip_config(spec) -> dict:
     return copy.deepcopy(cfg)
 
 
-def create_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None):
+def create_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None, aug_cfg: dict | None = None):
     """Build through open_clip's own factory (local-dir schema) so export and training agree.
 
     Returns (model, train_transform, val_transform, tokenizer).
@@ -38,7 +38,9 @@ def create_open_clip(model_cfg: dict, preprocess_cfg: dict | None = None):
     with tempfile.TemporaryDirectory() as tmp, _quiet_root_logger():
         config = {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg or {}}
         (Path(tmp) / "open_clip_config.json").write_text(json.dumps(config))
-        model, train_tf, val_tf = open_clip.create_model_and_transforms(f"local-dir:{tmp}")
+        model, train_tf, val_tf = open_clip.create_model_and_transforms(
+            f"local-dir:{tmp}", aug_cfg=aug_cfg or None
+        )
         tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
     return model, train_tf, val_tf, tokenizer
 
@@ -58,12 +60,20 @@ def _quiet_root_logger():
 class MultimodalModel(nn.Module):
     """Maps a batch dict {modality: tensor} to L2-normalised embeddings {modality: (b, d)}."""
 
-    def __init__(self, clip_cfg: dict, extra_towers: dict | None = None, modalities=("image", "text")):
+    def __init__(
+        self,
+        clip_cfg: dict,
+        extra_towers: dict | None = None,
+        modalities=("image", "text"),
+        image_augment=None,
+    ):
         super().__init__()
         self.clip_cfg = clip_cfg
         self.modalities = list(modalities)
         self.is_coca = is_coca_config(clip_cfg)
-        self.clip, self.train_transform, self.val_transform, self.tokenizer = create_open_clip(clip_cfg)
+        self.clip, self.train_transform, self.val_transform, self.tokenizer = create_open_clip(
+            clip_cfg, aug_cfg=image_augment
+        )
         if self.is_coca:
             init_decoder(self.clip.text_decoder)
         # DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes: keep shape (1,)
@@ -138,7 +148,7 @@ def build_model(model_cfg, modalities) -> MultimodalModel:
     if model_cfg.init_logit_bias is not None:  # open_clip's CLIP owns the bias, as for SigLIP models
         clip_cfg["init_logit_bias"] = model_cfg.init_logit_bias
     extra = {"audio": model_cfg.audio} if model_cfg.audio is not None else {}
-    model = MultimodalModel(clip_cfg, extra, modalities)
+    model = MultimodalModel(clip_cfg, extra, modalities, image_augment=dict(model_cfg.image_augment))
     with torch.no_grad():
         model.clip.logit_scale.fill_(model_cfg.init_logit_scale)
     return model
