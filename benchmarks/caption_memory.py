@@ -18,21 +18,12 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_memory import _reset_peak, _rss_kb  # noqa: E402  (same measuring method)
 
 VARIANTS = ("unchunked (open_clip CoCaLoss)", "mmcontrast caption (chunked)")
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
 
 
 def worker(variant: str, b: int, length: int, vocab: int, width: int, pad: float, chunk, repeat: int) -> dict:

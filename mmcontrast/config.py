@@ -375,6 +375,16 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def _is_coca(clip_spec) -> bool:
+    from mmcontrast.model.coca import is_coca_config
+    from mmcontrast.model.multimodal import resolve_clip_config
+
+    try:
+        return is_coca_config(resolve_clip_config(clip_spec))
+    except ValueError:
+        return False
+
+
 def resolve_pairs(spec: Any, modalities: list[str]) -> list[tuple[str, str]]:
     """Ordered modality pairs of a pair spec; see resolve_weighted_pairs for the spec."""
     return [(a, b) for a, b, _ in resolve_weighted_pairs(spec, modalities)]

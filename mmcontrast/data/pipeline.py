@@ -59,6 +59,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from mmcontrast.config import MODALITIES, DataConfig
+from mmcontrast.data import negatives as neg
 from mmcontrast.data.audio import decode_audio
 
 log = logging.getLogger(__name__)
@@ -350,8 +351,6 @@ class _RoleStream(IterableDataset):
         All three sources give a list of strings, then the same selection and tokenization.
         A negatives problem is counted ("negatives/<reason>") and costs only the negatives.
         """
-        from mmcontrast.data import negatives as neg
-
         texts, problem = [], None
         if self.negatives == "shard":
             if "neg.json" not in raw:

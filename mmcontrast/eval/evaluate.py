@@ -112,16 +112,17 @@ def collect(model, batches: Iterable[dict], class_names: list[str], caption_fn=N
         metas = batch.get("meta") or [None] * n
         batch_keys = list(batch.get("__key__") or [f"{len(keys) + i}" for i in range(n)])
         labels.extend(single_object_label(meta, class_names) for meta in metas)
-        if "image" in present and "text" in present and batch.get("meta"):
-            rows = present["image"][-1].nonzero().flatten().tolist()
+        image_rows = present["image"][-1].nonzero().flatten().tolist() if "image" in present else []
+        if "text" in present and batch.get("meta"):
+            rows = image_rows
             composition += composition_choices(
                 model,
                 parts["image"][-1][rows].to(device),
                 [_parse_meta(metas[i]) for i in rows],
                 [batch_keys[i] for i in rows],
             )
-        if caption_fn is not None and "image" in present and "image" in batch:
-            rows = [i for i in present["image"][-1].nonzero().flatten().tolist() if metas[i] is not None]
+        if caption_fn is not None and "image" in batch:
+            rows = [i for i in image_rows if metas[i] is not None]
             if rows:
                 images = batch["image"][rows].to(device, dtype=float_dtype)
                 captions.extend(caption_fn(images))

@@ -10,9 +10,8 @@ ever holds more than chunk x V of them (the "fused linear cross-entropy" idea).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from mmcontrast.losses.gather import world_info
+from mmcontrast.losses.gather import share_of_global_mean
 
 # chunk x V logits per temporary: 2^23 floats = 32 MiB, as for the contrastive tiles
 DEFAULT_CHUNK_ELEMENTS = 1 << 23
@@ -91,10 +90,4 @@ def caption_loss(nll_sum: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """Mean token NLL over every rank's captions, as this rank's share (x world size, like
     info_nce), so that data-parallel gradient averaging gives the global mean. In one process
     it is open_clip's CoCaLoss caption part (cross-entropy ignoring padding)."""
-    _, world = world_info()
-    total = tokens.detach().clone().to(nll_sum.device)
-    if world > 1:
-        dist.all_reduce(total)
-    if total == 0:
-        return nll_sum * 0.0
-    return nll_sum * (world / total.to(nll_sum.dtype))
+    return share_of_global_mean(nll_sum, tokens)

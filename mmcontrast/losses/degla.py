@@ -9,21 +9,13 @@ the mean over every rank's counted samples, times the world size (as info_nce).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from mmcontrast.losses.gather import world_info
+from mmcontrast.losses.gather import share_of_global_mean
 
 
 def _global_mean(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """sum(per_sample[rows]) * world / (rows counted on every rank)."""
-    _, world = world_info()
-    count = rows.sum().to(per_sample.dtype).detach().clone()
-    if world > 1:
-        dist.all_reduce(count)
-    if count == 0:
-        return per_sample.sum() * 0.0
-    return per_sample[rows].sum() * (world / count)
+    return share_of_global_mean(per_sample[rows].sum(), rows.sum())
 
 
 def _own_negatives_ce(query, positive, negatives, logit_scale, rows, negatives_valid):

@@ -66,3 +66,15 @@ def global_valid(
     valid = torch.ones(n, dtype=torch.bool, device=device) if valid is None else valid.bool()
     valid_all, _ = gather_rows(valid)
     return valid, valid_all, valid_all.sum()
+
+
+def share_of_global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
+    """local_sum * world / (local_count summed over ranks): averaging it over ranks (data-parallel
+    gradient averaging) gives the mean over every rank's items; zero (with a graph) when none."""
+    _, world = world_info()
+    total = local_count.detach().clone().to(local_sum.device)
+    if world > 1:
+        dist.all_reduce(total)
+    if total == 0:
+        return local_sum * 0.0
+    return local_sum * (world / total.to(local_sum.dtype))

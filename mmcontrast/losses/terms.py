@@ -202,26 +202,25 @@ def negclip_term(pairs, tile: int | None = None):
     return term
 
 
-@register_term("hard_negative")
-def hard_negative_term(pairs, beta: float = 1.0, tau_plus: float = 0.0, tile: int | None = None):
-    """InfoNCE with hard in-batch negatives up-weighted (exp(beta * score)) and debiased
-    (class prior tau_plus) over the gathered global batch, for each pair."""
+def _pairwise(pairs, loss_fn, **options):
+    """A term applying loss_fn(a, b, logit_scale, valid=..., **options) to each pair."""
 
     def term(embeddings, present, logit_scale, logit_bias=None) -> dict[str, torch.Tensor]:
         return {
-            f"{a}-{b}": hard_negative_nce(
-                embeddings[a],
-                embeddings[b],
-                logit_scale,
-                beta=beta,
-                tau_plus=tau_plus,
-                valid=present[a] & present[b],
-                tile=tile,
+            f"{a}-{b}": loss_fn(
+                embeddings[a], embeddings[b], logit_scale, valid=present[a] & present[b], **options
             )
             for a, b in pairs
         }
 
     return term
+
+
+@register_term("hard_negative")
+def hard_negative_term(pairs, beta: float = 1.0, tau_plus: float = 0.0, tile: int | None = None):
+    """InfoNCE with hard in-batch negatives up-weighted (exp(beta * score)) and debiased
+    (class prior tau_plus) over the gathered global batch, for each pair."""
+    return _pairwise(pairs, hard_negative_nce, beta=beta, tau_plus=tau_plus, tile=tile)
 
 
 @register_term("hard_negative_mixing")
@@ -230,23 +229,7 @@ def hard_negative_mixing_term(
 ):
     """InfoNCE plus synthetic negatives mixed from each row's n_hard hardest gathered negatives
     (n_mix pairwise mixes, n_self mixes with the query itself), for each pair."""
-
-    def term(embeddings, present, logit_scale, logit_bias=None) -> dict[str, torch.Tensor]:
-        return {
-            f"{a}-{b}": hard_negative_mixing(
-                embeddings[a],
-                embeddings[b],
-                logit_scale,
-                n_hard=n_hard,
-                n_mix=n_mix,
-                n_self=n_self,
-                valid=present[a] & present[b],
-                tile=tile,
-            )
-            for a, b in pairs
-        }
-
-    return term
+    return _pairwise(pairs, hard_negative_mixing, n_hard=n_hard, n_mix=n_mix, n_self=n_self, tile=tile)
 
 
 @register_term("degla")
