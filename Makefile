@@ -46,7 +46,7 @@ demo-coca: install
 	$(BIN)/mmcontrast caption $(DEMO)/export-coca $(DEMO)/val-images/*.png
 
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=20
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -101,8 +101,16 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only: dynamic loss scaling)
     zero_stage: int = 0
+    # micro-batches per step: each rank's data.batch_size samples are encoded in this many
+    # pieces whose negatives are still the whole global batch (GradCache, RNG replayed)
+    accumulation: int = 1
+    # recompute tower activations in backward (open_clip and timm towers' own checkpointing)
+    activation_checkpointing: bool = False
+    # a DeepSpeed JSON merged into the generated one (e.g. configs/deepspeed/zero3.json); keys
+    # the run config sets must agree with it
+    deepspeed: str = ""
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 100
@@ -243,8 +251,15 @@ def validate(cfg: Config) -> Config:
     )
     _check(t.eps > 0, "train.eps", t.eps, "a number > 0")
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables)")
-    _check(t.precision in ("fp32", "bf16"), "train.precision", t.precision, "fp32, bf16")
+    _check(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16, fp16")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "0, 1, 2, 3")
+    _check(t.accumulation >= 1, "train.accumulation", t.accumulation, "an integer >= 1")
+    _check(
+        d.batch_size % t.accumulation == 0,
+        "train.accumulation",
+        t.accumulation,
+        f"a divisor of data.batch_size ({d.batch_size}): each micro-batch holds batch_size / accumulation",
+    )
     _check(t.log_every >= 1, "train.log_every", t.log_every, "an integer >= 1")
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "an integer >= 0")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "an integer >= 0")
@@ -304,6 +319,10 @@ def validate(cfg: Config) -> Config:
             _check(
                 key in allowed, f"model.image_augment.{key}", cfg.model.image_augment[key], ", ".join(allowed)
             )
+    if t.deepspeed:
+        from mmcontrast.train.ds_config import deepspeed_config
+
+        deepspeed_config(cfg)  # refuses conflicts and misplaced keys before any work
     _check(len(cfg.loss.terms) >= 1, "loss.terms", cfg.loss.terms, "at least one objective term")
     for i, term in enumerate(cfg.loss.terms):
         _check(term.name in TERMS, f"loss.terms[{i}].name", term.name, ", ".join(sorted(TERMS)))

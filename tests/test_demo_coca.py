@@ -1,6 +1,6 @@
 """`make demo-coca`'s steps: CoCa (+ audio) on the demo world learns to caption.
 
-CI runs the first 600 of the config's 1200 steps (half the time) with bounds that an untrained
+CI runs the first 400 of the config's 1200 steps (a third of the time) with bounds that an untrained
 or broken captioner cannot meet; `make demo-coca` runs the whole schedule."""
 
 import json
@@ -33,8 +33,8 @@ def test_demo_coca_captions_name_colour_and_shape(repo_root, tmp_path):
         "train.progress=false",
         f"data.train={world}/train-{{000000..000007}}.tar",
         f"data.val={world}/val-000000.tar",
-        "train.steps=600",
-        "train.checkpoint_every=300",
+        "train.steps=400",
+        "train.checkpoint_every=200",
     )
     _cli("export", str(run), "--out", str(export))
     _cli("eval", str(export), "--data", f"{world}/val-000000.tar", "--out", str(tmp_path / "metrics.json"))

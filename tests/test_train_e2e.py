@@ -181,3 +181,34 @@ def test_broken_shards_train_to_completion_and_skips_are_reported(repo_root, tmp
     # wandb offline: the run file exists and holds the history
     run_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert run_files and run_files[0].stat().st_size > 0
+
+
+def test_wandb_offline_run_file_holds_config_metrics_and_final_eval(repo_root, world, tmp_path):
+    from tests.wandb_file import read_run
+
+    run_dir = tmp_path / "run"
+    steps = 4
+    subprocess.run(
+        _train_cmd(
+            repo_root,
+            _overrides(world, run_dir, f"train.steps={steps}", "data.workers=0", "run.wandb=offline"),
+        ),
+        check=True,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    run = read_run(run_file)
+    assert run["config"]["train"]["steps"] == steps
+    assert run["config"]["run"]["dir"] == str(run_dir)
+
+    logged = {r["step"]: r for r in _metrics(run_dir)}
+    rows = {row["_step"]: row for row in run["history"]}
+    assert sorted(rows) == list(range(1, steps + 1))
+    for step, row in rows.items():
+        for key, value in logged[step].items():
+            if key != "step":
+                assert row[key] == pytest.approx(value, rel=1e-12), (step, key)
+    final_eval = {k: v for k, v in rows[steps].items() if k.startswith("val/")}
+    assert "val/zeroshot/image/top1" in final_eval and "val/retrieval/image->text/R@1" in final_eval
+    assert run["summary"]["loss"] == pytest.approx(logged[steps]["loss"])

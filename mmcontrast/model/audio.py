@@ -71,6 +71,9 @@ class AudioTower(nn.Module):
         )
         self.proj = nn.Linear(self.backbone.num_features, embed_dim, bias=False)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
     def forward(self, wave: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.proj(self.backbone(self.frontend(wave)))
         return F.normalize(features, dim=-1) if normalize else features

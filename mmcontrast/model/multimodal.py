@@ -95,6 +95,12 @@ class MultimodalModel(nn.Module):
     def embed_dim(self) -> int:
         return self.clip_cfg["embed_dim"]
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute tower activations in backward (open_clip's and timm's own checkpointing)."""
+        self.clip.set_grad_checkpointing(enable)
+        for tower in self.towers.values():
+            tower.set_grad_checkpointing(enable)
+
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100 (ln 100 on the parameter) as in CLIP."""
         return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())
@@ -119,10 +125,16 @@ class MultimodalModel(nn.Module):
         return self.towers[modality](x)
 
     def forward(self, batch: dict, captions: bool = False, caption_chunk: int | None = None) -> dict:
-        """{modality: (b, d) embedding}; with `captions` (a CoCa model) also "caption": the
-        (summed token NLL, token count) of the teacher-forced captions of samples holding both
-        an image and a text, computed in chunks of `caption_chunk` tokens."""
-        out = {}
+        """{modality: (b, d) embedding, "logit_scale": (), "logit_bias": () if the model has
+        one}; with `captions` (a CoCa model) also "caption": the (summed token NLL, token count)
+        of the teacher-forced captions of samples holding both an image and a text, computed in
+        chunks of `caption_chunk` tokens.
+
+        The scale and bias are read here, inside the forward, because ZeRO-3 gathers partitioned
+        parameters only while a forward runs."""
+        out = {"logit_scale": self.logit_scale()}
+        if self.logit_bias() is not None:
+            out["logit_bias"] = self.logit_bias()
         if captions:
             if not self.is_coca:
                 raise ValueError("captions need a CoCa model: model.clip must have a multimodal_cfg")

@@ -44,12 +44,25 @@ def set_rng_state(state: dict) -> None:
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Every weight of the wrapped model, gathered from ZeRO-3 partitions when needed."""
+    """Every weight of the wrapped model, gathered from ZeRO partitions when needed. A collective
+    under ZeRO: every rank calls it.
+
+    bf16/fp16 runs train the optimizer's float32 master weights; the 16-bit module weights are
+    their rounded copies, so each parameter is replaced by its master weight.
+    """
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
+        state = engine._zero3_consolidated_16bit_state_dict() or {}
     else:
         state = engine.module.state_dict()
-    return {k: v.detach().float().cpu().contiguous().clone() for k, v in (state or {}).items()}
+    state = {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in engine.module.named_parameters():
+            master = safe_get_full_fp32_param(param)  # collective for partitioned parameters
+            if master is not None and name in state:
+                state[name] = master.detach().float().cpu().reshape(state[name].shape).clone()
+    return state
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -71,9 +84,10 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rank = dist.get_rank()
     torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
-    # ZeRO-3 gathers partitions collectively, so every rank must take part; otherwise only rank 0
-    # needs the full copy it writes.
-    if rank == 0 or engine.zero_optimization_stage() == 3:
+    # Gathering ZeRO partitions and master weights is collective: every rank takes part then;
+    # otherwise only rank 0 needs the full copy it writes.
+    collective = engine.zero_optimization_stage() == 3 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    if rank == 0 or collective:
         weights = full_state_dict(engine)
         if rank == 0:
             save_file(weights, str(root / tag / "model.safetensors"))

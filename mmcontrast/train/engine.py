@@ -8,6 +8,9 @@ import socket
 
 import torch
 
+from mmcontrast.config import ConfigError
+from mmcontrast.train.ds_config import deepspeed_config
+
 
 def init_distributed() -> tuple[int, int, int]:
     """Start (or join) the process group; a plain `python` run becomes a world of one.
@@ -51,26 +54,15 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def deepspeed_config(train_cfg, micro_batch: int) -> dict:
-    """The DeepSpeed JSON for a run, generated from the typed train config."""
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": train_cfg.grad_clip,
-        "zero_optimization": {"stage": train_cfg.zero_stage},
-        "bf16": {"enabled": train_cfg.precision == "bf16"},
-        # A torch optimizer avoids building DeepSpeed's fused CPU Adam (a ~75 s JIT compile).
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def build_engine(model: torch.nn.Module, cfg):
     """Wrap the model in a DeepSpeed engine with AdamW and a warmup + cosine schedule."""
     import deepspeed
 
     t = cfg.train
+    if t.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.precision: fp16 needs a GPU (DeepSpeed's dynamic loss scaling); use bf16 or fp32 on CPU"
+        )
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps
     )
@@ -79,8 +71,16 @@ def build_engine(model: torch.nn.Module, cfg):
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(t, cfg.data.batch_size),
+        config=deepspeed_config(cfg, world_size=torch.distributed.get_world_size()),
     )
+    if t.precision in ("bf16", "fp16"):
+        # DeepSpeed casts parameters, not buffers; torch's batch_norm wants its running
+        # statistics in the dtype of its weights.
+        dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
+        for module in engine.module.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                module.running_mean.data = module.running_mean.data.to(dtype)
+                module.running_var.data = module.running_var.data.to(dtype)
     if t.zero_stage == 3 and getattr(model, "is_coca", False):
         # The caption loss reads the decoder's output projection outside the decoder's own
         # forward (losses.caption chunks it): ZeRO-3 must gather it for the whole model forward.

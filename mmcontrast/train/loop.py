@@ -19,6 +19,7 @@ from mmcontrast.data.pipeline import make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
+    full_state_dict,
     latest_tag,
     load_checkpoint,
     load_weights_file,
@@ -26,7 +27,9 @@ from mmcontrast.train.checkpoint import (
     set_rng_state,
 )
 from mmcontrast.train.engine import build_engine, init_distributed
-from mmcontrast.train.metrics import MetricsLogger
+from mmcontrast.train.grad_cache import grad_cache_step
+from mmcontrast.train.metrics import MetricsLogger, drop_records_after
+from mmcontrast.train.preemption import StopRequest, clear_marker, write_marker
 from mmcontrast.train.teacher import EmaTeacher
 
 log = logging.getLogger("mmcontrast.train")
@@ -48,6 +51,42 @@ def to_device(batch: dict, device, float_dtype) -> dict:
             value = {m: v.to(device) for m, v in value.items()}
         out[key] = value
     return out
+
+
+def objective_loss(objective, outputs: dict, present: dict, teacher_outputs=None):
+    """(loss, logged parts) of the model's outputs; the parts include the logit scale."""
+    outputs = dict(outputs)
+    scale, bias = outputs.pop("logit_scale"), outputs.pop("logit_bias", None)
+    if teacher_outputs is not None:
+        outputs["teacher"] = teacher_outputs
+    loss, parts = objective(outputs, present, scale, bias)
+    return loss, {**parts, "logit_scale": scale.detach()}
+
+
+def train_step(engine, objective, batch: dict, micro_batches: int, teacher=None):
+    """One optimizer step on the batch; several micro-batches go through GradCache."""
+    if micro_batches == 1:
+        outputs = engine(batch, **objective.forward_kwargs)
+        teacher_outputs = teacher(batch) if teacher is not None else None
+        loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs)
+        engine.backward(loss)
+        engine.step()
+        return loss, parts
+
+    teacher_outputs = teacher(batch) if teacher is not None else None
+
+    def backward(surrogate):
+        engine.backward(surrogate, scale_wrt_gas=False)  # a sum over micro-batches, not a mean
+        engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
+
+    return grad_cache_step(
+        lambda piece: engine(piece, **objective.forward_kwargs),
+        lambda outputs: objective_loss(objective, outputs, batch["present"], teacher_outputs),
+        batch,
+        micro_batches,
+        backward,
+        model=engine.module,
+    )
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -72,34 +111,61 @@ def skipped_over_ranks(loader, with_keys: bool = False) -> dict:
     return {"counts": counts, "keys": sorted({k for part in gathered for k in part["keys"]})}
 
 
-def evaluate_model(model, cfg: Config) -> dict:
-    """Zero-shot and retrieval metrics on the val shards (rank 0 only)."""
+def evaluate_on_rank0(engine, cfg: Config, rank: int) -> dict | None:
+    """Zero-shot and retrieval metrics on the val shards, computed on rank 0 (None elsewhere).
+
+    Collective. ZeRO-3 modules fetch their partitions with collectives in every forward, so
+    rank 0 evaluates an unpartitioned copy built from the gathered weights instead.
+    """
     from mmcontrast.eval.run import evaluate_on_urls
 
-    model.eval()
-    try:
-        return evaluate_on_urls(model, cfg.data.val, cfg)
-    finally:
-        model.train()
+    model, result = engine.module, None
+    if engine.zero_optimization_stage() == 3:
+        weights = full_state_dict(engine)  # every rank takes part
+        if rank == 0:
+            model = build_model(cfg.model, cfg.modalities)
+            model.load_state_dict(weights)
+            model.to(engine.device)
+    if rank == 0:
+        model.eval()
+        try:
+            result = evaluate_on_urls(model, cfg.data.val, cfg)
+        finally:
+            model.train()
+    dist.barrier()
+    return result
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
     # ---- set-up
-    rank, world, _ = init_distributed()
+    rank, world, local_rank = init_distributed()
+    stop = StopRequest(torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    try:
+        return _train(cfg, resume, rank, world, stop)
+    finally:
+        stop.close()
+
+
+def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) -> dict:
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        clear_marker(run_dir)  # only a stop during this run may leave it
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.modalities)
+    if cfg.train.activation_checkpointing:
+        model.set_grad_checkpointing(True)
     objective = Objective.from_config(cfg.loss, cfg.modalities)
     engine = build_engine(model, cfg)
-    float_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
 
     state = None
     if resume and latest_tag(run_dir) is not None:
         state = load_checkpoint(engine, run_dir)
         log.info("resumed from %s at step %d", latest_tag(run_dir), state["step"])
+        if rank == 0:  # records logged after that checkpoint belong to a future that was lost
+            drop_records_after(run_dir, state["step"])
     step = state["step"] if state else 0
     teacher = None
     if objective.teacher_decay is not None:  # e.g. degla: an EMA copy of the model, checkpointed
@@ -136,14 +202,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     # ---- loop
     while step < cfg.train.steps:
         batch = to_device(next(batches), engine.device, float_dtype)
-        embeddings = engine(batch, **objective.forward_kwargs)
-        if teacher is not None:
-            embeddings["teacher"] = teacher(batch)
-        loss, parts = objective(
-            embeddings, batch["present"], engine.module.logit_scale(), engine.module.logit_bias()
-        )
-        engine.backward(loss)
-        engine.step()
+        loss, parts = train_step(engine, objective, batch, cfg.train.accumulation, teacher)
         if teacher is not None:
             teacher.update(engine.module)
         step += 1
@@ -161,20 +220,23 @@ def train(cfg: Config, resume: bool = False) -> dict:
                     "step": step,
                     **values,
                     "lr": engine.get_lr()[0],
-                    "logit_scale": engine.module.logit_scale().item(),
                     "samples_per_s": rate,
                     **{f"skipped/{k}": v for k, v in skipped.items()},
                 }
             )
 
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            if rank == 0 and cfg.data.val:
-                metrics.log(
-                    {"step": step, **{f"val/{k}": v for k, v in evaluate_model(engine.module, cfg).items()}}
-                )
-            dist.barrier()
+        if (
+            cfg.train.eval_every
+            and step % cfg.train.eval_every == 0
+            and step < cfg.train.steps
+            and cfg.data.val
+        ):
+            evaluation = evaluate_on_rank0(engine, cfg, rank)
+            metrics.log({"step": step, **{f"val/{k}": v for k, v in (evaluation or {}).items()}})
 
-        if (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or step == cfg.train.steps:
+        due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+        stopping = stop.agreed()  # SIGUSR1/SIGTERM on any rank: checkpoint now and leave
+        if due or stopping or step == cfg.train.steps:
             save_checkpoint(
                 engine,
                 run_dir,
@@ -183,6 +245,14 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 cfg.train.keep_checkpoints,
                 weights_files={"teacher": teacher.state_dict()} if teacher is not None else None,
             )
+        if stopping and step < cfg.train.steps:
+            if rank == 0:
+                write_marker(run_dir, step, stop.signal)
+                log.warning("stopped at step %d with a checkpoint; --resume continues from it", step)
+            bar.close()
+            metrics.close()
+            dist.barrier()
+            return {"step": step, "stopped": True}
 
     # ---- evaluate and finish
     bar.close()
@@ -192,8 +262,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
         (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
         if skipped["counts"]:
             log.warning("skipped samples: %s", skipped["counts"])
-        if cfg.data.val:
-            final = evaluate_model(engine.module, cfg)
+    if cfg.data.val:
+        final = evaluate_on_rank0(engine, cfg, rank)
+        if rank == 0:
             metrics.log({"step": step, **{f"val/{k}": v for k, v in final.items()}})
             result["eval"] = final
     metrics.close()

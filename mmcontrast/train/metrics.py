@@ -15,6 +15,19 @@ def _plain(value):
     return value
 
 
+def drop_records_after(run_dir, step: int) -> None:
+    """Rewrite metrics.jsonl without records past `step` (a resumed run logs them again)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 class MetricsLogger:
     """Only rank 0 writes. wandb mode comes from run.wandb (online | offline | disabled)."""
 

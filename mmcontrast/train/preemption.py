@@ -1,0 +1,60 @@
+"""Stop on SIGUSR1 / SIGTERM: finish the step, checkpoint, leave a marker, exit cleanly.
+
+SLURM sends SIGUSR1 before the time limit (`#SBATCH --signal`) and SIGTERM on preemption or
+cancel. Ranks may see a signal at different steps, so they agree through a one-element
+all-reduce each step; every rank then stops after the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("mmcontrast.train")
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+MARKER = "preempted.json"  # in the run dir while the run stopped early and can resume
+
+
+class StopRequest:
+    """Installs the handlers on creation; `close()` restores the previous ones."""
+
+    def __init__(self, device):
+        self.device = device
+        self.signal: int | None = None
+        self._pid = os.getpid()  # forked data-loader workers inherit the handler: they ignore it
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.signal is None:
+            log.warning(
+                "received %s: stopping after this step with a checkpoint", signal.Signals(signum).name
+            )
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        """Collective: True on every rank when any rank has received a stop signal."""
+        flag = torch.tensor([0 if self.signal is None else 1], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def write_marker(run_dir, step: int, signum: int | None) -> None:
+    name = signal.Signals(signum).name if signum is not None else "another rank's signal"
+    (Path(run_dir) / MARKER).write_text(json.dumps({"step": step, "signal": name}) + "\n")
+
+
+def clear_marker(run_dir) -> None:
+    (Path(run_dir) / MARKER).unlink(missing_ok=True)
