@@ -6,16 +6,15 @@
 # Environment: HOSTFILE (lines "hostname slots=N"; several hosts are reached over pdsh/ssh,
 # as DeepSpeed does), NPROC_PER_NODE (without HOSTFILE; default: GPUs here, else 2 CPU
 # processes), MASTER_ADDR (default: the first host), MASTER_PORT (default 29500),
-# PYTHON (default: the checkout's .venv). On CPU the ranks talk over gloo.
+# PYTHON (see launch/common.sh). On CPU the ranks talk over gloo.
 set -euo pipefail
 if [ $# -lt 1 ]; then
   echo "usage: $0 CONFIG [a.b=value ...] [--resume]" >&2
   exit 2
 fi
-here="$(cd "$(dirname "$0")/.." && pwd)"
-python="${PYTHON:-$here/.venv/bin/python}"
-[ -x "$python" ] || python=python3
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$here/.cache/torch_extensions}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$repo/launch/common.sh"
 # one intra-op thread per rank unless told otherwise, as torchrun does: runs resumed under
 # either launcher then compute exactly the same numbers
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -35,10 +34,8 @@ if [ -n "${HOSTFILE:-}" ]; then
     launcher+=(--master_addr "$MASTER_ADDR")
   fi
 else
-  gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-  nproc="${NPROC_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}"
-  launcher+=(--num_gpus "$nproc")  # on CPU: this many processes
+  launcher+=(--num_gpus "$(processes_per_node 2)")  # on CPU: this many processes
 fi
 # --no_local_rank: ranks read LOCAL_RANK from the environment, as under torchrun
-"$python" -m deepspeed.launcher.runner "${launcher[@]}" --no_local_rank \
+"${python[@]}" -m deepspeed.launcher.runner "${launcher[@]}" --no_local_rank \
   --module mmcontrast.cli train "$@"

@@ -11,14 +11,10 @@ if [ $# -lt 1 ]; then
   echo "usage: $0 CONFIG [a.b=value ...] [--resume]" >&2
   exit 2
 fi
-here="$(cd "$(dirname "$0")/.." && pwd)"
-python="${PYTHON:-$here/.venv/bin/python}"
-[ -x "$python" ] || python=python3
-gpus=$("$python" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-nproc="${NPROC_PER_NODE:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}"
-nnodes="${NNODES:-1}"
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$here/.cache/torch_extensions}"
-exec "$python" -m torch.distributed.run \
-  --nnodes="$nnodes" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$nproc" \
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=launch/common.sh
+source "$repo/launch/common.sh"
+exec "${python[@]}" -m torch.distributed.run \
+  --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$(processes_per_node 2)" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \
   -m mmcontrast.cli train "$@"

@@ -133,8 +133,9 @@ class MultimodalModel(nn.Module):
         The scale and bias are read here, inside the forward, because ZeRO-3 gathers partitioned
         parameters only while a forward runs."""
         out = {"logit_scale": self.logit_scale()}
-        if self.logit_bias() is not None:
-            out["logit_bias"] = self.logit_bias()
+        bias = self.logit_bias()
+        if bias is not None:
+            out["logit_bias"] = bias
         if captions:
             if not self.is_coca:
                 raise ValueError("captions need a CoCa model: model.clip must have a multimodal_cfg")

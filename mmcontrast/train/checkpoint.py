@@ -43,6 +43,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _trains_master_weights(engine) -> bool:
+    """bf16/fp16 runs: the optimizer holds float32 master copies of the 16-bit parameters."""
+    return engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """Every weight of the wrapped model, gathered from ZeRO partitions when needed. A collective
     under ZeRO: every rank calls it.
@@ -55,7 +60,7 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     else:
         state = engine.module.state_dict()
     state = {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
-    if engine.bfloat16_enabled() or engine.fp16_enabled():
+    if _trains_master_weights(engine):
         from deepspeed.utils import safe_get_full_fp32_param
 
         for name, param in engine.module.named_parameters():
@@ -86,7 +91,7 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
     torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
     # Gathering ZeRO partitions and master weights is collective: every rank takes part then;
     # otherwise only rank 0 needs the full copy it writes.
-    collective = engine.zero_optimization_stage() == 3 or engine.bfloat16_enabled() or engine.fp16_enabled()
+    collective = engine.zero_optimization_stage() == 3 or _trains_master_weights(engine)
     if rank == 0 or collective:
         weights = full_state_dict(engine)
         if rank == 0:

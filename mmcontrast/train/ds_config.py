@@ -42,12 +42,11 @@ REFUSED = {
 def generated_config(train_cfg, batch_size: int, world_size: int | None = None) -> dict:
     """The DeepSpeed JSON the run config implies. batch_size: samples per rank per step;
     train.accumulation micro-batches of batch_size / accumulation make one step."""
-    stage = train_cfg.zero_stage
     config = {
         "train_micro_batch_size_per_gpu": batch_size // train_cfg.accumulation,
         "gradient_accumulation_steps": train_cfg.accumulation,
         "gradient_clipping": train_cfg.grad_clip,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": train_cfg.zero_stage},
         "bf16": {"enabled": train_cfg.precision == "bf16"},
         "fp16": dict(FP16_DYNAMIC) if train_cfg.precision == "fp16" else {"enabled": False},
         # A torch optimizer avoids building DeepSpeed's fused CPU Adam (a ~75 s JIT compile).

@@ -130,21 +130,14 @@ def grad_cache_step(
 
     leaves = [_leaves(out) for out in cached]
     loss, parts = compute_loss(merge_outputs(leaves))
-    named = [_flat(out) for out in leaves]
-    flat = [t for piece in named for _, t in piece]
-    grads = torch.autograd.grad(loss, flat, allow_unused=True)
-    grads_by_piece, start = [], 0
-    for piece in named:
-        grads_by_piece.append(
-            dict(zip([n for n, _ in piece], grads[start : start + len(piece)], strict=True))
-        )
-        start += len(piece)
+    keyed = {(i, name): leaf for i, out in enumerate(leaves) for name, leaf in _flat(out)}
+    grads = dict(zip(keyed, torch.autograd.grad(loss, list(keyed.values()), allow_unused=True), strict=True))
 
-    for piece, state, piece_grads in zip(micro, states, grads_by_piece, strict=True):
+    for i, (piece, state) in enumerate(zip(micro, states, strict=True)):
         state.restore()
         surrogate = 0.0
         for name, value in _flat(forward(piece)):
-            grad = piece_grads.get(name)
+            grad = grads.get((i, name))
             if grad is not None:
                 surrogate = surrogate + (value.float() * grad.float()).sum()
         if not isinstance(surrogate, torch.Tensor):  # nothing of this piece reached the loss

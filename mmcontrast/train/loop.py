@@ -65,15 +65,13 @@ def objective_loss(objective, outputs: dict, present: dict, teacher_outputs=None
 
 def train_step(engine, objective, batch: dict, micro_batches: int, teacher=None):
     """One optimizer step on the batch; several micro-batches go through GradCache."""
+    teacher_outputs = teacher(batch) if teacher is not None else None  # eval mode: draws no RNG
     if micro_batches == 1:
         outputs = engine(batch, **objective.forward_kwargs)
-        teacher_outputs = teacher(batch) if teacher is not None else None
         loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs)
         engine.backward(loss)
         engine.step()
         return loss, parts
-
-    teacher_outputs = teacher(batch) if teacher is not None else None
 
     def backward(surrogate):
         engine.backward(surrogate, scale_wrt_gas=False)  # a sum over micro-batches, not a mean
