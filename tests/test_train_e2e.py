@@ -113,26 +113,32 @@ def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world
         assert res[steps]["degla/distill"] > 0 and "negclip/image-text" in res[steps]
 
 
-def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path):
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes_static_rendezvous"])
+def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path, nodes):
+    """2 ranks: one torchrun with 2 processes, or two torchruns (NODE_RANK 0 and 1, one process
+    each) meeting at MASTER_ADDR:MASTER_PORT, as two hosts sharing a filesystem would."""
     run_dir = tmp_path / "ddp"
     env = {
         **os.environ,
-        "NPROC_PER_NODE": "2",
+        "NNODES": str(nodes),
+        "NPROC_PER_NODE": str(2 // nodes),
         "MASTER_PORT": str(29400 + os.getpid() % 500),
         "PYTHON": sys.executable,
     }
     extra = ["train.steps=6", "train.checkpoint_every=3", "train.eval_every=3", "data.workers=1"]
-    subprocess.run(
-        [
-            "bash",
-            str(repo_root / "launch/torchrun.sh"),
-            str(repo_root / "configs/demo.yaml"),
-            *_overrides(world, run_dir, *extra),
-        ],
-        check=True,
-        timeout=600,
-        env=env,
-    )
+    cmd = [
+        "bash",
+        str(repo_root / "launch/torchrun.sh"),
+        str(repo_root / "configs/demo.yaml"),
+        *_overrides(world, run_dir, *extra),
+    ]
+    launched = [subprocess.Popen(cmd, env={**env, "NODE_RANK": str(rank)}) for rank in range(nodes)]
+    try:
+        codes = [p.wait(timeout=600) for p in launched]
+    finally:
+        for p in launched:
+            p.kill()
+    assert codes == [0] * nodes
     losses = _train_losses(run_dir)
     assert sorted(losses) == list(range(1, 7))
     assert all(r["loss"] == r["loss"] for r in losses.values())  # finite
