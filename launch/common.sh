@@ -1,5 +1,5 @@
-# Sourced by the launch scripts once `repo` names the checkout: the Python command, DeepSpeed's
-# op cache, and the default number of processes per node.
+# Sourced by the launch scripts once `repo` names the checkout: the usage check, the Python
+# command, DeepSpeed's op cache, and the default number of processes per node.
 # shellcheck shell=bash disable=SC2034,SC2154  # sets `python` for the caller, reads its `repo`
 
 # PYTHON: a command, words allowed (e.g. "apptainer exec --nv img.sif python3"); default: the
@@ -23,4 +23,12 @@ processes_per_node() {
   local gpus
   gpus=$("${python[@]}" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   if [ "$gpus" -gt 0 ]; then echo "$gpus"; else echo "$1"; fi
+}
+
+# require_config ARGC USAGE: exit 2 with the usage line when no CONFIG argument was given.
+require_config() {
+  if [ "$1" -lt 1 ]; then
+    echo "usage: $2" >&2
+    exit 2
+  fi
 }

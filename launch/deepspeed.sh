@@ -8,13 +8,10 @@
 # processes), MASTER_ADDR (default: the first host), MASTER_PORT (default 29500),
 # PYTHON (see launch/common.sh). On CPU the ranks talk over gloo.
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  echo "usage: $0 CONFIG [a.b=value ...] [--resume]" >&2
-  exit 2
-fi
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=launch/common.sh
 source "$repo/launch/common.sh"
+require_config $# "$0 CONFIG [a.b=value ...] [--resume]"
 # one intra-op thread per rank unless told otherwise, as torchrun does: runs resumed under
 # either launcher then compute exactly the same numbers
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -7,13 +7,10 @@
 # NNODES (default 1), NODE_RANK (default 0), MASTER_ADDR (default 127.0.0.1),
 # MASTER_PORT (default 29500). On CPU the ranks talk over gloo.
 set -euo pipefail
-if [ $# -lt 1 ]; then
-  echo "usage: $0 CONFIG [a.b=value ...] [--resume]" >&2
-  exit 2
-fi
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck source=launch/common.sh
 source "$repo/launch/common.sh"
+require_config $# "$0 CONFIG [a.b=value ...] [--resume]"
 exec "${python[@]}" -m torch.distributed.run \
   --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --nproc_per_node="$(processes_per_node 2)" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${MASTER_PORT:-29500}" \

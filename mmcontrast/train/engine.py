@@ -54,6 +54,9 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def build_engine(model: torch.nn.Module, cfg):
     """Wrap the model in a DeepSpeed engine with AdamW and a warmup + cosine schedule."""
     import deepspeed
@@ -73,10 +76,10 @@ def build_engine(model: torch.nn.Module, cfg):
         lr_scheduler=schedule,
         config=deepspeed_config(cfg, world_size=torch.distributed.get_world_size()),
     )
-    if t.precision in ("bf16", "fp16"):
+    dtype = PRECISION_DTYPES[t.precision]
+    if dtype != torch.float32:
         # DeepSpeed casts parameters, not buffers; torch's batch_norm wants its running
         # statistics in the dtype of its weights.
-        dtype = torch.bfloat16 if t.precision == "bf16" else torch.float16
         for module in engine.module.modules():
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
                 module.running_mean.data = module.running_mean.data.to(dtype)

@@ -26,7 +26,7 @@ from mmcontrast.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mmcontrast.train.engine import build_engine, init_distributed
+from mmcontrast.train.engine import PRECISION_DTYPES, build_engine, init_distributed
 from mmcontrast.train.grad_cache import grad_cache_step
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
 from mmcontrast.train.preemption import StopRequest, clear_marker, write_marker
@@ -156,7 +156,7 @@ def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) 
         model.set_grad_checkpointing(True)
     objective = Objective.from_config(cfg.loss, cfg.modalities)
     engine = build_engine(model, cfg)
-    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    float_dtype = PRECISION_DTYPES[cfg.train.precision]
 
     state = None
     if resume and latest_tag(run_dir) is not None:
