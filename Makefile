@@ -33,14 +33,17 @@ demo: install
 	$(BIN)/mmcontrast data demo --out $(DEMO)/world --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
 	$(BIN)/mmcontrast train configs/demo.yaml run.dir=$(DEMO)/run
 	$(BIN)/mmcontrast export $(DEMO)/run --out $(DEMO)/export
-	$(BIN)/mmcontrast eval $(DEMO)/export --data "$(DEMO)/world/val-{000000..000000}.tar" --out $(DEMO)/metrics.json
+	$(BIN)/mmcontrast eval $(DEMO)/export --out $(DEMO)/metrics.json \
+	  --benchmark $(DEMO)/world/benchmarks/demo-classes --benchmark $(DEMO)/world/benchmarks/demo-retrieval \
+	  --benchmark $(DEMO)/world/benchmarks/demo-composition
 
 # CoCa (+ audio) on the same world: captions next to zero-shot and retrieval.
 demo-coca: install
-	test -f $(DEMO)/world/manifest.json || $(BIN)/mmcontrast data demo --out $(DEMO)/world --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
+	test -d $(DEMO)/world/benchmarks/demo-captions || $(BIN)/mmcontrast data demo --out $(DEMO)/world --train $(DEMO_TRAIN) --val $(DEMO_VAL) --seed 0
 	$(BIN)/mmcontrast train configs/demo-coca.yaml run.dir=$(DEMO)/run-coca
 	$(BIN)/mmcontrast export $(DEMO)/run-coca --out $(DEMO)/export-coca
-	$(BIN)/mmcontrast eval $(DEMO)/export-coca --data "$(DEMO)/world/val-{000000..000000}.tar" --out $(DEMO)/metrics-coca.json
+	$(BIN)/mmcontrast eval $(DEMO)/export-coca --out $(DEMO)/metrics-coca.json \
+	  --benchmark $(DEMO)/world/benchmarks/demo-classes --benchmark $(DEMO)/world/benchmarks/demo-captions
 	mkdir -p $(DEMO)/val-images && tar -xf $(DEMO)/world/val-000000.tar -C $(DEMO)/val-images \
 	  $$(tar -tf $(DEMO)/world/val-000000.tar | grep '\.png$$' | head -4)
 	$(BIN)/mmcontrast caption $(DEMO)/export-coca $(DEMO)/val-images/*.png

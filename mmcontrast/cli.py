@@ -15,10 +15,19 @@ def _cmd_data_demo(args) -> None:
     print(json.dumps({k: v for k, v in manifest.items() if k != "classes"}, indent=2))
 
 
-def _cmd_data_clip_benchmark(args) -> None:
-    from mmcontrast.eval.clip_benchmark import write_clip_benchmark_wds
+def _cmd_data_benchmark(args) -> None:
+    from mmcontrast.data.benchmark import benchmark_from_shards
 
-    print(write_clip_benchmark_wds(args.data, args.out))
+    summary = benchmark_from_shards(
+        args.data,
+        args.out,
+        args.task,
+        classnames_file=args.classnames,
+        templates_file=args.templates,
+        label_field=args.label_field,
+        caption_field=args.caption_field,
+    )
+    print(json.dumps(summary, indent=2))
 
 
 def _cmd_negatives(args) -> None:
@@ -58,7 +67,15 @@ def _cmd_export(args) -> None:
 def _cmd_eval(args) -> None:
     from mmcontrast.eval.run import eval_main
 
-    eval_main(args.export_dir, args.data, args.out, args.batch_size, caption_strategy=args.caption_strategy)
+    eval_main(
+        args.export_dir,
+        args.benchmark,
+        args.out,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        caption_strategy=args.caption_strategy,
+    )
 
 
 def _cmd_caption(args) -> None:
@@ -88,10 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--shard-size", type=int, default=1000)
     demo.set_defaults(func=_cmd_data_demo)
-    cb = data.add_parser("clip-benchmark", help="write val data in clip_benchmark's wds zero-shot layout")
-    cb.add_argument("--data", required=True, help="val shard URLs")
-    cb.add_argument("--out", required=True)
-    cb.set_defaults(func=_cmd_data_clip_benchmark)
+    bench = data.add_parser(
+        "benchmark", help="held-out shards -> a benchmark folder (clip_benchmark's wds layout, audio too)"
+    )
+    bench.add_argument("--data", required=True, help="held-out shard URLs")
+    bench.add_argument("--out", required=True, help="benchmark folder (its name prefixes the metric keys)")
+    bench.add_argument("--task", required=True, choices=["classification", "retrieval"])
+    bench.add_argument("--label-field", default="cls", help="cls, or json:KEY (a class index or name)")
+    bench.add_argument("--caption-field", default="txt", help="txt, or json:KEY (a caption or a list)")
+    bench.add_argument("--classnames", help="classification: a file with one class name per line")
+    bench.add_argument("--templates", help="classification: one template per line, {c} marks the class")
+    bench.set_defaults(func=_cmd_data_benchmark)
 
     negs = sub.add_parser("negatives", help="copy shards, adding a neg.json list of hard-negative captions")
     negs.add_argument("--data", required=True, help="input shard URLs")
@@ -117,16 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     export.set_defaults(func=_cmd_export)
 
-    ev = sub.add_parser("eval", help="zero-shot and retrieval metrics of an export")
+    ev = sub.add_parser("eval", help="an export's metrics on benchmark folders")
     ev.add_argument("export_dir")
-    ev.add_argument("--data", required=True, help="val shard URLs")
+    ev.add_argument(
+        "--benchmark", action="append", required=True, help="a benchmark folder (repeat for several)"
+    )
     ev.add_argument("--out", required=True, help="metrics JSON file")
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--workers", type=int, default=2, help="decoding processes")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ev.add_argument(
         "--caption-strategy",
         default="greedy",
         choices=["greedy", "top_k", "top_p", "beam", ""],
-        help="CoCa exports: caption the val images this way ('' skips captions)",
+        help="CoCa exports: caption the images of captioning benchmarks this way ('' skips them)",
     )
     ev.set_defaults(func=_cmd_eval)
 
@@ -149,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     from mmcontrast.config import ConfigError
+    from mmcontrast.eval.benchmark import BenchmarkError
     from mmcontrast.export import ExportError
 
     # open_clip's factory logs every step to the root logger at INFO: keep the root at WARNING.
@@ -160,7 +189,7 @@ def main(argv=None) -> None:
     except ConfigError as exc:
         print(f"mmcontrast: config error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (ExportError, FileNotFoundError, ValueError) as exc:
+    except (BenchmarkError, ExportError, FileNotFoundError, ValueError) as exc:
         print(f"mmcontrast: {exc}", file=sys.stderr)
         sys.exit(1)
 

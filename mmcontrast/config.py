@@ -37,15 +37,17 @@ class RunConfig:
 class DataConfig:
     train: str = ""  # brace-expanded URLs; several sources joined with "::"
     train_weights: list[float] = field(default_factory=list)  # one weight per "::" source
-    val: str = ""
     resampled: bool = False
     shuffle_buffer: int = 1000
     batch_size: int = 64
     workers: int = 2
-    # modality -> ";"-separated shard field names tried in order
+    # modality -> ";"-separated shard fields tried in order; text also takes JSON keys
+    # ("txt;json:caption;json:text"), whose value is a caption or a list of captions
     fields: dict[str, str] = field(
         default_factory=lambda: {"image": "png;jpg;jpeg;webp", "text": "txt", "audio": "flac;wav;mp3"}
     )
+    # images whose header claims more pixels are skipped undecoded (PIL's own bomb limit; 0: off)
+    max_image_pixels: int = 89_478_485
     audio_sample_rate: int = 16000
     audio_seconds: float = 1.0
     # hard-negative captions per sample: "" (none), "shard" (a neg.json list in the sample),
@@ -120,9 +122,11 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    # benchmark folders (clip_benchmark's wds layout, extended to audio; see mmcontrast.data.benchmark)
+    # evaluated every train.eval_every steps and at the end, the work split over every rank
+    benchmarks: list[str] = field(default_factory=list)
     batch_size: int = 256
-    templates: list[str] = field(default_factory=lambda: ["a {}.", "a photo of a {}.", "the sound of a {}."])
-    # CoCa models: captions generated for the val images with this strategy ("" skips it)
+    # CoCa models: captions for captioning benchmarks with this strategy ("" skips them)
     caption_strategy: str = "greedy"
 
 
@@ -154,12 +158,15 @@ def _type_name(tp: Any) -> str:
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
+_UNIONS = (typing.Union, getattr(__import__("types"), "UnionType", None))
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and build nested dataclasses."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in _UNIONS:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -209,12 +216,22 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys that were replaced: a sentence on what to use instead.
+MOVED_KEYS = {
+    "data.val": "evaluation now runs on benchmark folders: set eval.benchmarks to a list of them "
+    "(`mmcontrast data benchmark --data VAL_URLS ...` writes one from held-out shards)",
+    "eval.templates": "templates now live in each benchmark folder's zeroshot_classification_templates.txt",
+}
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full in MOVED_KEYS:
+            raise ConfigError(f"'{full}' is no longer a config key: {MOVED_KEYS[full]}")
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -233,6 +250,7 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks that types alone cannot express."""
+    from mmcontrast.data.fields import check_field_specs  # late: mmcontrast.data imports config
     from mmcontrast.losses import TERMS  # late import: keeps config importable alone
 
     r, d, t = cfg.run, cfg.data, cfg.train
@@ -277,6 +295,13 @@ def validate(cfg: Config) -> Config:
     )
     for m in d.fields:
         _check(m in MODALITIES, f"data.fields.{m}", m, ", ".join(MODALITIES))
+    try:
+        check_field_specs(d.fields)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check(
+        d.max_image_pixels >= 0, "data.max_image_pixels", d.max_image_pixels, "an integer >= 0 (0: no limit)"
+    )
     _check(len(cfg.modalities) >= 2, "data.fields", list(d.fields), "at least two modalities")
     n_sources = len(d.train.split("::")) if d.train else 0
     if d.train_weights:
@@ -302,6 +327,14 @@ def validate(cfg: Config) -> Config:
         "model.clip",
         cfg.model.clip,
         "an open_clip model name or config dict",
+    )
+    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
+    names = [Path(b).name for b in cfg.eval.benchmarks]
+    _check(
+        len(set(names)) == len(names) and all(names),
+        "eval.benchmarks",
+        cfg.eval.benchmarks,
+        "benchmark folders with distinct names (the folder name prefixes the metric keys)",
     )
     _check(
         cfg.eval.caption_strategy in ("", "greedy", "top_k", "top_p", "beam"),
@@ -454,6 +487,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _set_nested(tree: dict, path: list[str], value: Any) -> None:
+    """Set one key, leaving its siblings; None removes an entry of a mapping-valued field."""
     node = tree
     for part in path[:-1]:
         child = node.get(part)
@@ -461,7 +495,28 @@ def _set_nested(tree: dict, path: list[str], value: Any) -> None:
             child = {}
             node[part] = child
         node = child
-    node[path[-1]] = value
+    if value is None and not _in_dataclass(path):
+        node.pop(path[-1], None)
+    else:
+        node[path[-1]] = value
+
+
+def _in_dataclass(path: list[str]) -> bool:
+    """Whether the key at `path` is a dataclass field (as `model.audio`), not a mapping entry."""
+    tp: Any = Config
+    for part in path[:-1]:
+        tp = _strip_optional(tp)
+        if not dataclasses.is_dataclass(tp):
+            return False
+        tp = typing.get_type_hints(tp).get(part)
+        if tp is None:  # an unknown key: building the config names it
+            return True
+    return dataclasses.is_dataclass(_strip_optional(tp))
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in _UNIONS and len(args) == 1 else tp
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -495,13 +550,19 @@ def _read_tree(path: Path, seen: tuple = ()) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Load a YAML run config (following `base:`), apply `a.b=value` overrides and validate."""
+    """Load a YAML run config (following `base:`), apply `a.b=value` overrides and validate.
+
+    Overrides apply to the resolved config (YAML over defaults), so `data.fields.image=jpg`
+    changes that entry only; `data.fields.audio=null` removes one, `data.fields={...}` replaces all.
+    """
     tree: dict = {}
     if path is not None:
         tree = _read_tree(Path(path))
-    for item in overrides:
-        keys, value = _parse_override(item)
-        _set_nested(tree, keys, value)
+    if overrides:
+        tree = _build(Config, tree, "").to_dict()
+        for item in overrides:
+            keys, value = _parse_override(item)
+            _set_nested(tree, keys, value)
     return validate(_build(Config, tree, ""))
 
 

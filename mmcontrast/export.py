@@ -5,7 +5,7 @@ Folder layout (every file is required by `load_exported`):
     open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}  (open_clip's own schema)
     open_clip_model.safetensors  the CLIP image/text weights, logit_scale clamped at ln(100)
     <modality>_tower.safetensors one per extra tower, e.g. audio_tower.safetensors
-    mmcontrast_config.json       tower configs, modalities, audio preprocessing, eval templates, source
+    mmcontrast_config.json       tower configs, modalities, audio preprocessing, source
 
 open_clip.create_model_and_transforms("local-dir:DIR") and open_clip.get_tokenizer("local-dir:DIR")
 load the image/text model from it unchanged; `load_exported` loads that part through the same
@@ -136,7 +136,6 @@ def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
             "sample_rate": data.audio_sample_rate,
             "num_samples": int(round(data.audio_sample_rate * data.audio_seconds)),
         },
-        "eval_templates": list(cfg.eval.templates),
         "logit_scale": float(clip_state["logit_scale"].exp()),
         "source": {
             "run_dir": str(run_dir.resolve()),
@@ -208,7 +207,6 @@ class ExportedModel(nn.Module):
         self.embed_dim = int(meta["embed_dim"])
         self.audio_sample_rate = int(meta["audio"]["sample_rate"])
         self.audio_num_samples = int(meta["audio"]["num_samples"])
-        self.templates = list(meta.get("eval_templates") or [])
 
     @property
     def device(self) -> torch.device:

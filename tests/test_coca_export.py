@@ -1,5 +1,5 @@
 """CoCa runs: export to an open_clip local-dir folder whose `generate` gives `mmcontrast caption`'s
-captions, and the caption check used by `mmcontrast eval`."""
+captions, and the captioning benchmark of `mmcontrast eval`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 
 from mmcontrast.cli import main
 from mmcontrast.data.demo import make_sample
-from mmcontrast.eval.captions import caption_metrics, caption_names_objects, named_objects
+from mmcontrast.eval.tasks import captioning, mentioned_classes
 from mmcontrast.export import export_run, load_exported
 from tests.export_helpers import DEMO_COCA_CONFIG, make_run_dir
 
@@ -95,45 +95,47 @@ def test_caption_refuses_a_clip_export(tmp_path, capsys):
     assert "not a CoCa export" in capsys.readouterr().err
 
 
-def _meta(*objects):
-    return {"objects": [{"color": c, "shape": s} for c, s in objects]}
+CLASSES = ["red circle", "blue star", "green square", "circle"]
 
 
 def test_caption_check_by_hand():
-    red_circle = _meta(("red", "circle"))
-    pair = _meta(("blue", "star"), ("green", "square"))
-    assert named_objects("a red circle to the left of a Blue Star") == {
-        ("red", "circle"): 1,
-        ("blue", "star"): 1,
+    assert mentioned_classes("a red circle to the left of a Blue Star", CLASSES) == {
+        "red circle": 1,
+        "blue star": 1,
     }
-    assert caption_names_objects("a photo of a red circle", red_circle)
-    assert not caption_names_objects("a red square", red_circle)
-    assert not caption_names_objects("a red circle and a blue star", red_circle)  # an object too many
-    assert not caption_names_objects("red and circle", red_circle)
-    assert caption_names_objects("a green square to the right of a blue star", pair)
-    assert not caption_names_objects("a blue star next to a blue star", pair)
-    metrics = caption_metrics(
-        ["a red circle", "a red star", "a blue star and a green square", ""],
-        [red_circle, red_circle, pair, pair],
+    assert mentioned_classes("a circle", CLASSES) == {"circle": 1}  # the longest name wins
+    assert not mentioned_classes("red and circular", CLASSES[:3])
+    metrics = captioning(
+        [
+            "a photo of a red circle",
+            "a red square",
+            "a red circle and a blue star",
+            "",
+            "a green square and a blue star",
+        ],
+        [
+            ["red circle"],
+            ["red circle"],
+            ["red circle"],
+            ["blue star", "green square"],
+            ["blue star", "green square"],
+        ],
+        ["single_object", "single_object", "single_object", "two_object", "two_object"],
+        CLASSES,
     )
-    assert metrics == {
-        "caption/single_object/n": 2,
-        "caption/single_object": 0.5,
-        "caption/two_object/n": 2,
-        "caption/two_object": 0.5,
-    }
+    # an object too many is as wrong as one too few
+    assert metrics == {"single_object": 1 / 3, "single_object/n": 3, "two_object": 0.5, "two_object/n": 2}
 
 
 def test_caption_eval_of_an_export(coca_export, tmp_path):
-    """`mmcontrast eval` on a CoCa export reports caption metrics over the val images."""
+    """`mmcontrast eval` on a CoCa export captions the images of a captioning benchmark."""
     from mmcontrast.data.demo import write_demo_world
     from mmcontrast.eval.run import evaluate_export
 
-    write_demo_world(tmp_path / "world", 0, 24, seed=3, samples_per_shard=24)
-    metrics = evaluate_export(coca_export["dir"], str(tmp_path / "world" / "val-000000.tar"), batch_size=16)
-    assert metrics["caption/single_object/n"] + metrics["caption/two_object/n"] == 24
-    assert 0.0 <= metrics["caption/single_object"] <= 1.0
-    skipped = evaluate_export(
-        coca_export["dir"], str(tmp_path / "world" / "val-000000.tar"), batch_size=16, caption_strategy=""
-    )
-    assert not any(k.startswith("caption/") for k in skipped)
+    world = write_demo_world(tmp_path / "world", 0, 24, seed=3, samples_per_shard=24)
+    captions = [d for d in world["benchmark_dirs"] if d.endswith("demo-captions")]
+    metrics = evaluate_export(coca_export["dir"], captions, batch_size=16)
+    assert metrics["demo-captions/single_object/n"] + metrics["demo-captions/two_object/n"] == 24
+    assert 0.0 <= metrics["demo-captions/single_object"] <= 1.0
+    skipped = evaluate_export(coca_export["dir"], captions, batch_size=16, caption_strategy="")
+    assert skipped == {}

@@ -7,8 +7,10 @@ from mmcontrast.config import ConfigError, load_config
 
 
 def test_demo_config_loads_with_overrides(repo_root):
-    cfg = load_config(repo_root / "configs/demo.yaml", ["train.steps=7", "run.dir=/tmp/x", "data.val=v.tar"])
-    assert cfg.train.steps == 7 and cfg.run.dir == "/tmp/x" and cfg.data.val == "v.tar"
+    cfg = load_config(
+        repo_root / "configs/demo.yaml", ["train.steps=7", "run.dir=/tmp/x", "eval.benchmarks=[b/x]"]
+    )
+    assert cfg.train.steps == 7 and cfg.run.dir == "/tmp/x" and cfg.eval.benchmarks == ["b/x"]
     assert cfg.modalities == ["image", "text", "audio"]
     assert cfg.data.train.startswith("demo_out/world/train-")
     # YAML 1.1 reads 3e-4 as a string: numbers in exponent form still work

@@ -4,6 +4,7 @@ import hashlib
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 def test_manifest_counts_and_classes(world):
     out, manifest = world
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert {k: v for k, v in manifest.items() if k != "urls"} == on_disk
+    assert {k: v for k, v in manifest.items() if k not in ("urls", "benchmark_dirs")} == on_disk
     assert on_disk["splits"]["train"]["samples"] == 50
     assert on_disk["splits"]["val"]["samples"] == 20
     assert on_disk["splits"]["train"]["shards"] == [f"train-{i:06d}.tar" for i in range(4)]
@@ -69,6 +70,32 @@ def test_manifest_counts_and_classes(world):
     assert classes == list(CLASSES) == on_disk["classes"]
     assert len(classes) == 24 and len(set(classes)) == 24
     assert classes[:5] == ["red circle", "red square", "red triangle", "red star", "green circle"]
+
+
+def test_val_split_as_benchmark_folders(world):
+    """The demo's benchmarks are plain folders: the single-object val samples with their class
+    index, every val sample with its caption, and one sample per negative category."""
+    from mmcontrast.data.demo import class_index
+    from mmcontrast.eval import read_benchmark
+    from tests.test_eval import _raw_samples
+
+    out, manifest = world
+    val = {k: s for shard in manifest["splits"]["val"]["shards"] for k, s in _samples(out / shard).items()}
+    metas = {k: json.loads(s["json"]) for k, s in val.items()}
+    dirs = {Path(d).name: Path(d) for d in manifest["benchmark_dirs"]}
+    assert {n: read_benchmark(d).task for n, d in dirs.items()} == {
+        "demo-classes": "classification",
+        "demo-retrieval": "retrieval",
+        "demo-composition": "composition",
+        "demo-captions": "captioning",
+    }
+    classes = {s["key"]: int(s["cls"]) for s in _raw_samples(dirs["demo-classes"])}
+    single = {k: class_index(m) for k, m in metas.items() if len(m["objects"]) == 1}
+    assert classes == single and read_benchmark(dirs["demo-classes"]).classnames == list(CLASSES)
+    captions = {s["key"]: s["txt"] for s in _raw_samples(dirs["demo-retrieval"])}
+    assert captions == {k: s["txt"] for k, s in val.items()}
+    categories = [json.loads(s["json"])["category"] for s in _raw_samples(dirs["demo-composition"])]
+    assert categories.count("replace_att") == len(val) and categories.count("swap_obj") < len(val)
 
 
 def _dominant_and_harmonics(seg, sr, f):

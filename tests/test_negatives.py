@@ -161,29 +161,33 @@ class _BagOfWords:
         return torch.nn.functional.normalize(vectors, dim=1)
 
 
-def test_composition_benchmark_by_hand():
-    """A bag-of-words model whose image embedding is its true caption's: replacements are always
-    caught, swaps never (a tie is no win), and single objects have no swap or relation rows."""
+def test_composition_benchmark_by_hand(tmp_path):
+    """The demo's composition benchmark scored with a bag-of-words model whose image embedding is
+    its true caption's: replacements are always caught, swaps never (a tie is no win), and single
+    objects have no swap or relation rows."""
     import json
 
-    from mmcontrast.eval.composition import composition_choices, composition_metrics
+    import torch
 
-    rng = np.random.default_rng(1)
-    samples = [make_sample(f"k{i}", rng) for i in range(60)]
-    metas = [json.loads(s["json"]) for s in samples]
+    from mmcontrast.data.demo import write_demo_world
+    from mmcontrast.eval.benchmark import read_benchmark
+    from mmcontrast.eval.tasks import composition
+    from tests.test_eval import _raw_samples
+
+    world = write_demo_world(tmp_path / "world", 0, 60, seed=1, samples_per_shard=60)
+    folder = next(d for d in world["benchmark_dirs"] if d.endswith("demo-composition"))
+    assert read_benchmark(folder).task == "composition"
+    specs = [json.loads(s["json"]) for s in _raw_samples(folder)]
     model = _BagOfWords()
-    image_emb = model.encode("text", [s["txt"].decode() for s in samples])
-    metrics = composition_metrics(composition_choices(model, image_emb, metas, [f"k{i}" for i in range(60)]))
-    assert metrics["composition/replace_att"] == 1.0 and metrics["composition/replace_obj"] == 1.0
-    assert metrics["composition/swap_att"] == 0.0 and metrics["composition/swap_obj"] == 0.0
+    positive = model.encode("text", [s["positive"] for s in specs])
+    negatives = model.encode("text", [n for s in specs for n in s["negatives"]])
+    owner = torch.tensor([i for i, s in enumerate(specs) for _ in s["negatives"]])
+    metrics = composition(positive, positive, negatives, owner, [s["category"] for s in specs])
+    assert metrics["replace_att"] == 1.0 and metrics["replace_obj"] == 1.0
+    assert metrics["swap_att"] == 0.0 and metrics["swap_obj"] == 0.0
     # "to the left of" -> "to the right of" changes a word; "on the left .., on the right .." swaps two
-    with_relation = [
-        t
-        for t in (m["caption_template"] for m in metas if len(m["objects"]) == 2)
-        if "left" in t or "right" in t
-    ]
-    one_word = sum(not ("left" in t and "right" in t) for t in with_relation)
-    assert metrics["composition/replace_rel"] == pytest.approx(one_word / len(with_relation))
-    assert 0 < one_word < len(with_relation)
-    pairs = sum(len(m["objects"]) == 2 for m in metas)
-    assert metrics["composition/replace_att/n"] == 60 and metrics["composition/swap_obj/n"] <= pairs
+    relations = [s["positive"] for s in specs if s["category"] == "replace_rel"]
+    one_word = sum(not ("left" in t and "right" in t) for t in relations)
+    assert metrics["replace_rel"] == pytest.approx(one_word / len(relations))
+    assert 0 < one_word < len(relations)
+    assert metrics["replace_att/n"] == 60 and metrics["swap_obj/n"] < 60

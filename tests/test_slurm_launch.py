@@ -35,7 +35,7 @@ def _submit(cluster, repo_root, world_dir: Path, run_dir: Path, *extra: str) -> 
         str(repo_root / "configs/demo.yaml"),
         *TINY,
         f"data.train={world_dir}/train-{{000000..000003}}.tar",
-        f"data.val={world_dir}/val-{{000000..000001}}.tar",
+        f"eval.benchmarks=[{world_dir}/benchmarks/demo-classes, {world_dir}/benchmarks/demo-retrieval]",
         "data.workers=1",
         *extra,
     ]
@@ -64,7 +64,7 @@ def test_slurm_sbatch_trains_on_two_nodes_one_process_each(slurm_cluster, repo_r
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite
     final = records[-1]
-    assert final["step"] == 6 and "val/zeroshot/image/top1" in final
+    assert final["step"] == 6 and "val/demo-classes/image/top1" in final
     tag = run_dir / "checkpoints" / "step_0000006"
     # one rank per node: torchrun with 1 process on each of the 2 nodes makes a world of 2
     assert {p.name for p in tag.glob("rank*.pt")} == {"rank0.pt", "rank1.pt"}

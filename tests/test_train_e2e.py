@@ -39,7 +39,7 @@ def _overrides(world: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         *TINY,
         f"data.train={world}/train-{{000000..000003}}.tar",
-        f"data.val={world}/val-{{000000..000001}}.tar",
+        f"eval.benchmarks=[{world}/benchmarks/demo-classes, {world}/benchmarks/demo-retrieval]",
         f"run.dir={run_dir}",
         *extra,
     ]
@@ -76,7 +76,13 @@ NEGATIVES = [
 @pytest.mark.parametrize("objective", [[], NEGATIVES], ids=["info_nce", "negatives_degla"])
 def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world, tmp_path, objective):
     steps = 14
-    extra = [f"train.steps={steps}", "train.checkpoint_every=4", "data.workers=2", "data.val=''", *objective]
+    extra = [
+        f"train.steps={steps}",
+        "train.checkpoint_every=4",
+        "data.workers=2",
+        "eval.benchmarks=[]",
+        *objective,
+    ]
     reference = tmp_path / "reference"
     subprocess.run(_train_cmd(repo_root, _overrides(world, reference, *extra)), check=True, timeout=600)
 
@@ -146,8 +152,29 @@ def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path,
     assert (
         (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists() and (tag / "model.safetensors").exists()
     )
-    evals = [r["step"] for r in _metrics(run_dir) if "val/zeroshot/image/top1" in r]
+    evals = [r["step"] for r in _metrics(run_dir) if "val/demo-classes/image/top1" in r]
     assert evals == [3, 6], "periodic (step 3) and final (step 6) evaluations expected"
+    if nodes == 1:
+        check_final_eval_matches_export(run_dir, world, tmp_path / "export")
+
+
+def check_final_eval_matches_export(run_dir: Path, world: Path, export_dir: Path) -> None:
+    """The 2-rank in-training evaluation equals `mmcontrast eval` of the final export in one
+    process, and each rank encoded half of every benchmark."""
+    from mmcontrast.eval import evaluate_export
+    from mmcontrast.export import export_run
+
+    final = [r for r in _metrics(run_dir) if "val/demo-classes/image/top1" in r][-1]
+    export_run(run_dir, export_dir)
+    folders = [world / "benchmarks" / name for name in ("demo-classes", "demo-retrieval")]
+    alone = evaluate_export(export_dir, folders, batch_size=16)
+    assert {f"val/{k}" for k in alone} <= final.keys()
+    for key, value in alone.items():
+        if "/encoded/" not in key:  # exact: the same model and the same fractions of right answers
+            assert final[f"val/{key}"] == value, key
+    for name in ("demo-classes", "demo-retrieval"):
+        shares = [final[f"val/{name}/encoded/rank{r}"] for r in (0, 1)]
+        assert sum(shares) == alone[f"{name}/encoded/rank0"] and abs(shares[0] - shares[1]) <= 1, shares
 
 
 def test_broken_shards_train_to_completion_and_skips_are_reported(repo_root, tmp_path):
@@ -162,7 +189,7 @@ def test_broken_shards_train_to_completion_and_skips_are_reported(repo_root, tmp
             [
                 *TINY,
                 f"data.train={urls}",
-                "data.val=''",
+                "eval.benchmarks=[]",
                 f"run.dir={run_dir}",
                 "data.workers=0",
                 "data.batch_size=2",
@@ -216,4 +243,4 @@ def test_wandb_offline_run_file_holds_config_metrics_and_final_eval(repo_root, w
             if key != "step":
                 assert row[key] == pytest.approx(value, rel=1e-12), (step, key)
     final_eval = {k: v for k, v in rows[steps].items() if k.startswith("val/")}
-    assert "val/zeroshot/image/top1" in final_eval and "val/retrieval/image->text/R@1" in final_eval
+    assert "val/demo-classes/image/top1" in final_eval and "val/demo-retrieval/image->text/R@1" in final_eval

@@ -10,7 +10,9 @@ Every sample holds one or two objects (colour x shape). The same facts appear in
     json  {"objects": [{"color", "shape", "x", "y", "size"}, ...] (left to right), "caption_template"}
 
 so a contrastive model can learn it in minutes on a CPU, and zero-shot classification over the 24
-single-object classes ("red circle", ... colour-major) has a known answer. Output is byte-for-byte
+single-object classes ("red circle", ... colour-major) has a known answer. The val split is also
+written as benchmark folders (mmcontrast.data.benchmark) under DIR/benchmarks/: the demo is one
+producer of such folders, and evaluation never reads its metadata. Output is byte-for-byte
 deterministic for a seed (fixed tar mtimes, owners and member order).
 """
 
@@ -228,6 +230,72 @@ def _write_split(out: Path, split: str, n: int, seed: int, per_shard: int) -> li
     return shards
 
 
+# Zero-shot prompts for the demo's classes: the same prompts serve images and sounds.
+TEMPLATES = ("a {c}.", "a photo of a {c}.", "the sound of a {c}.")
+BENCHMARKS = ("demo-classes", "demo-retrieval", "demo-composition", "demo-captions")
+
+
+def _read_samples(paths: list[Path]):
+    import tarfile
+
+    for path in paths:
+        sample: dict = {}
+        with tarfile.open(path) as tf:
+            for member in tf:
+                key, ext = member.name.split(".", 1)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = tf.extractfile(member).read()
+        if sample:
+            yield sample
+
+
+def write_demo_benchmarks(out_dir: str | Path, val_shards: list[Path]) -> dict[str, dict]:
+    """The val split as benchmark folders: classes (single objects, image and sound), retrieval,
+    composition (one hard negative per SugarCrepe-style category) and captioning."""
+    from mmcontrast.data.benchmark import write_benchmark
+    from mmcontrast.data.negatives import demo_negatives, sample_rng
+
+    out = Path(out_dir)
+    samples = list(_read_samples(val_shards))
+    metas = [json.loads(s["json"]) for s in samples]
+
+    def classes():
+        for s, meta in zip(samples, metas, strict=True):
+            label = class_index(meta)
+            if label is not None:
+                yield {"__key__": s["__key__"], "png": s["png"], "flac": s["flac"], "cls": str(label)}
+
+    def retrieval():
+        for s in samples:
+            yield {"__key__": s["__key__"], "png": s["png"], "flac": s["flac"], "txt": s["txt"]}
+
+    def composition():
+        for s, meta in zip(samples, metas, strict=True):
+            truth = render_caption(meta["caption_template"], meta["objects"])
+            for category, negative in demo_negatives(meta, sample_rng(s["__key__"])).items():
+                spec = {"positive": truth, "negatives": [negative], "category": category}
+                yield {"__key__": f"{s['__key__']}-{category}", "png": s["png"], "json": json.dumps(spec)}
+
+    def captions():
+        for s, meta in zip(samples, metas, strict=True):
+            mentions = [f"{o['color']} {o['shape']}" for o in meta["objects"]]
+            category = "single_object" if len(mentions) == 1 else "two_object"
+            spec = {"mentions": mentions, "category": category}
+            yield {"__key__": s["__key__"], "png": s["png"], "json": json.dumps(spec)}
+
+    return {
+        "demo-classes": write_benchmark(
+            out / "demo-classes", "classification", classes(), list(CLASSES), list(TEMPLATES)
+        ),
+        "demo-retrieval": write_benchmark(out / "demo-retrieval", "retrieval", retrieval()),
+        "demo-composition": write_benchmark(out / "demo-composition", "composition", composition()),
+        "demo-captions": write_benchmark(out / "demo-captions", "captioning", captions(), list(CLASSES)),
+    }
+
+
 def _brace(names: list[str]) -> str:
     if len(names) == 1:
         return names[0]
@@ -238,10 +306,12 @@ def _brace(names: list[str]) -> str:
 def write_demo_world(
     out_dir: str | Path, n_train: int, n_val: int, seed: int = 0, samples_per_shard: int = 1000
 ) -> dict:
-    """Write train/val shards, manifest.json and classes.json under `out_dir`; return the manifest.
+    """Write train/val shards, the val benchmark folders, manifest.json and classes.json under
+    `out_dir`; return the manifest.
 
     The returned dict is the manifest plus "urls": absolute brace-expanded shard URLs per split,
-    ready for DataConfig.train / DataConfig.val (the file keeps paths relative, so the folder can move).
+    ready for DataConfig.train, and "benchmark_dirs": absolute benchmark folders for
+    EvalConfig.benchmarks (the file keeps paths relative, so the folder can move).
     """
     if n_train < 0 or n_val < 0 or samples_per_shard < 1:
         raise ValueError(
@@ -266,10 +336,14 @@ def write_demo_world(
         "audio_sample_rate": SAMPLE_RATE,
         "audio_seconds": AUDIO_SECONDS,
     }
+    if n_val:
+        write_demo_benchmarks(out / "benchmarks", [out / s for s in splits["val"]["shards"]])
+        manifest["benchmarks"] = {name: f"benchmarks/{name}" for name in BENCHMARKS}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / "classes.json").write_text(json.dumps(list(CLASSES), indent=2) + "\n")
     urls = {s: str(out.resolve() / v["pattern"]) if v["pattern"] else "" for s, v in splits.items()}
-    return {**manifest, "urls": urls}
+    benchmarks = [str(out.resolve() / p) for p in manifest.get("benchmarks", {}).values()]
+    return {**manifest, "urls": urls, "benchmark_dirs": benchmarks}
 
 
 def main_demo(argv: list[str] | None = None) -> dict:

@@ -14,13 +14,18 @@ Iteration
 Batch: {"image": (b,3,H,W) float, "text": (b,L) long, "audio": (b,T) float,
         "present": {m: (b,) bool}, "__key__": [str], "__url__": [str], "meta": [dict | None],
         "skipped": {reason: n}, "skipped_keys": [str], "position": {...}}
-with only the modalities of cfg.fields. A sample lacking an image or audio field is kept with
-present[m] False and zeros in its place; lacking text, or left with fewer than two modalities, it
-is skipped. Corrupt samples are skipped, never raised. Skip reasons: bad_image, bad_audio,
-bad_caption (not utf-8 / tokenizer failed), empty_caption, missing_caption, too_few_modalities,
-truncated_tar (the sample a cut tar ended in; its key, else the shard URL), bad_shard (unopenable
-or not a tar; the URL). `loader.skipped` / `loader.skipped_keys` total what the consumed batches
-(and each worker's end-of-epoch marker, which carries skips after its last batch) reported.
+with only the modalities of cfg.fields. Text comes from the first entry of data.fields.text that
+holds a caption (`txt`, or a JSON key such as `json:caption`, see data/fields.py); a JSON list
+holds several captions, of which training draws one per sample and epoch (seeded, so a resume
+replays it) and evaluation takes the first. A sample lacking an image or audio field is kept
+with present[m] False and zeros in its place; lacking text, or left with fewer than two
+modalities, it is skipped. Corrupt samples are skipped, never raised. Skip reasons: bad_image,
+too_large_image (the header claims more than data.max_image_pixels; nothing is decoded),
+bad_audio, bad_caption (not utf-8, bad JSON, a caption that is not a string or list of strings,
+tokenizer failed), empty_caption, missing_caption, too_few_modalities, truncated_tar (the sample
+a cut tar ended in; its key, else the shard URL), bad_shard (unopenable or not a tar; the URL).
+`loader.skipped` / `loader.skipped_keys` total what the consumed batches (and each worker's
+end-of-epoch marker, which carries skips after its last batch) reported.
 
 Exact resume. The data of one epoch is split into `roles`, one per DataLoader worker (workers=0:
 one role, in process). A role's stream is a pure function of (seed, epoch, rank, role): its shard
@@ -41,14 +46,20 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
 import os
 import random
+import re
+import shlex
+import shutil
 import tarfile
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPException
 from typing import Any, NamedTuple
 
 import torch
@@ -61,6 +72,8 @@ from webdataset.tariterators import base_plus_ext
 from mmcontrast.config import MODALITIES, DataConfig
 from mmcontrast.data import negatives as neg
 from mmcontrast.data.audio import decode_audio
+from mmcontrast.data.fields import captions_from_sample, check_field_specs, parse_field_spec
+from mmcontrast.data.image import ImageDecodeError, ImageTooLargeError, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +94,22 @@ def _is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
+def _local_path(url: str) -> str:
+    return url[5:] if url.startswith("file:") else url
+
+
+def _expand_spec(spec: str) -> list[str]:
+    """One source's shard URLs: brace-expanded, and local globs matched on disk."""
+    shards: list[str] = []
+    for url in expand_urls(spec):
+        path = _local_path(url)
+        if _is_local(url) and glob.has_magic(path):
+            shards.extend(sorted(glob.glob(path)))
+        else:
+            shards.append(url)
+    return shards
+
+
 def expand_sources(urls: str) -> list[list[str]]:
     """Split "::"-joined sources and brace/glob-expand each; check local shards exist."""
     if not urls or not urls.strip():
@@ -88,18 +117,10 @@ def expand_sources(urls: str) -> list[list[str]]:
     sources = []
     for spec in urls.split("::"):
         spec = spec.strip()
-        shards: list[str] = []
-        for url in expand_urls(spec):
-            path = url[5:] if url.startswith("file:") else url
-            if _is_local(url) and glob.has_magic(path):
-                shards.extend(sorted(glob.glob(path)))
-            else:
-                shards.append(url)
+        shards = _expand_spec(spec)
         if not shards:
             raise ValueError(f"no shards match {spec!r}")
-        missing = [
-            u for u in shards if _is_local(u) and not os.path.exists(u[5:] if u.startswith("file:") else u)
-        ]
+        missing = [u for u in shards if _is_local(u) and not os.path.exists(_local_path(u))]
         if missing:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise ValueError(
@@ -107,6 +128,89 @@ def expand_sources(urls: str) -> list[list[str]]:
             )
         sources.append(shards)
     return sources
+
+
+def check_shard_urls(urls: str, key: str) -> None:
+    """Check that every shard of `urls` can be opened; a ValueError names `key` and the failures.
+
+    Local shards must be readable regular files; http(s) URLs must answer a HEAD request (a
+    1-byte ranged GET where HEAD is refused) and need curl, which webdataset reads them with;
+    `pipe:` commands need their program on PATH. Other schemes are left to the reader.
+    """
+    if not urls or not urls.strip():
+        raise ValueError(f"{key} is empty: give it brace-expanded shard URLs")
+    shards: list[str] = []
+    for spec in urls.split("::"):
+        found = _expand_spec(spec.strip())
+        if not found:
+            raise ValueError(f"{key}: no shards match {spec.strip()!r}")
+        shards.extend(found)
+    shards = list(dict.fromkeys(shards))
+    with ThreadPoolExecutor(max_workers=16) as pool:  # remote checks mostly wait on the network
+        problems = list(pool.map(_shard_problem, shards))
+    failed = [f"{url} ({problem})" for url, problem in zip(shards, problems, strict=True) if problem]
+    if failed:
+        more = f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+        raise ValueError(
+            f"{key}: {len(failed)} of {len(shards)} shards cannot be read: {'; '.join(failed[:3])}{more}"
+        )
+
+
+def _shard_problem(url: str) -> str | None:
+    """Why one shard cannot be opened, or None when it looks fine."""
+    if url.startswith("pipe:"):
+        return _pipe_problem(url[5:])
+    if _is_local(url):
+        return _local_problem(_local_path(url))
+    if url.split("://", 1)[0].lower() in ("http", "https"):
+        return _http_problem(url)
+    return None
+
+
+def _local_problem(path: str) -> str | None:
+    if not os.path.exists(path):
+        return "no such file"
+    if not os.path.isfile(path):
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    return None
+
+
+_ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=.*")
+
+
+def _pipe_problem(command: str) -> str | None:
+    try:
+        words = [w for w in shlex.split(command) if not _ENV_ASSIGNMENT.fullmatch(w)]
+    except ValueError as exc:
+        return f"cannot parse the pipe: command: {exc}"
+    if not words:
+        return "empty pipe: command"
+    if shutil.which(words[0]) is None:
+        return f"program {words[0]!r} is not on PATH"
+    return None
+
+
+def _http_problem(url: str) -> str | None:
+    if shutil.which("curl") is None:
+        return "curl, which webdataset reads http shards with, is not on PATH"
+    try:
+        status = _http_status(url, "HEAD")
+        if status == 405:  # some servers refuse HEAD; one byte of the body says as much
+            status = _http_status(url, "GET", {"Range": "bytes=0-0"})
+    except (OSError, HTTPException) as exc:
+        return f"no answer: {getattr(exc, 'reason', exc)}"
+    return f"HTTP {status}" if status >= 400 else None
+
+
+def _http_status(url: str, method: str, headers: dict | None = None) -> int:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 # ---------------------------------------------------------------- raw stream
@@ -248,9 +352,8 @@ class _RoleStream(IterableDataset):
         super().__init__()
         self.sources, self.weights = sources, weights
         self.modalities = [m for m in MODALITIES if m in cfg.fields]
-        self.fields = {
-            m: [f.strip().lower() for f in cfg.fields[m].split(";") if f.strip()] for m in self.modalities
-        }
+        self.fields = {m: parse_field_spec(cfg.fields[m]) for m in self.modalities}
+        self.max_image_pixels = cfg.max_image_pixels
         self.sample_rate = cfg.audio_sample_rate
         self.num_samples = round(cfg.audio_seconds * cfg.audio_sample_rate)
         self.shuffle_buffer = cfg.shuffle_buffer if train else 0
@@ -292,34 +395,53 @@ class _RoleStream(IterableDataset):
     # -- decoding
 
     def _field(self, raw: dict, modality: str) -> str | None:
-        return next((f for f in self.fields[modality] if f in raw), None)
+        return next((ref.ext for ref in self.fields[modality] if ref.ext in raw), None)
+
+    def _captions(self, raw: dict) -> tuple[list[str] | None, str | None]:
+        """(captions or None when the sample has none, skip reason for unusable ones)."""
+        try:
+            captions = captions_from_sample(raw, self.fields["text"])
+        except ValueError:
+            return None, "bad_caption"
+        return captions, "empty_caption" if captions == [] else None
+
+    def _pick_caption(self, captions: list[str], role: int, index: int) -> str:
+        if not self.train or len(captions) == 1:
+            return captions[0]
+        # one caption per sample and epoch, drawn again identically on resume
+        rng = random.Random(_seed_int(self.seed, self.epoch, self.rank, role, index, "caption"))
+        return rng.choice(captions)
 
     def decode(self, raw: dict, role: int, index: int) -> tuple[dict | None, str | None]:
         """(sample, None) or (None, skip reason)."""
-        fields = {m: self._field(raw, m) for m in self.modalities}
-        if "text" in fields and fields["text"] is None:
+        fields = {m: self._field(raw, m) for m in self.modalities if m != "text"}
+        has_text = "text" in self.modalities
+        captions, problem = self._captions(raw) if has_text else (None, None)
+        if has_text and captions is None and problem is None:
             return None, "missing_caption"
-        if sum(f is not None for f in fields.values()) < 2:
+        if has_text + sum(f is not None for f in fields.values()) < 2:
             return None, "too_few_modalities"
         out: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw.get("__url__", "")}
-        if fields.get("text"):
-            try:
-                caption = raw[fields["text"]].decode("utf-8").strip()
-            except UnicodeDecodeError:
-                return None, "bad_caption"
-            if not caption:
-                return None, "empty_caption"
+        if has_text:
+            if problem:
+                return None, problem
+            caption = self._pick_caption(captions, role, index)
             try:
                 out["text"] = self.tokenizer([caption])[0]
             except Exception:
                 return None, "bad_caption"
         if fields.get("image"):
             try:
-                with Image.open(io.BytesIO(raw[fields["image"]])) as im:
-                    out["image"] = self._transform_image(im.convert("RGB"), role, index)
-                self._image_shape = tuple(out["image"].shape)
+                image = decode_image(raw[fields["image"]], self.max_image_pixels)
+            except ImageTooLargeError:
+                return None, "too_large_image"
+            except ImageDecodeError:
+                return None, "bad_image"
+            try:
+                out["image"] = self._transform_image(image, role, index)
             except Exception:
                 return None, "bad_image"
+            self._image_shape = tuple(out["image"].shape)
         if fields.get("audio"):
             gen = None
             if self.train:
@@ -522,7 +644,8 @@ class ShardLoader:
 
     def _fingerprint(self) -> str:
         s = self.stream
-        what = [s.sources, s.weights, s.fields, s.shuffle_buffer, s.batch_size, s.num_samples]
+        fields = {m: [str(ref) for ref in refs] for m, refs in s.fields.items()}
+        what = [s.sources, s.weights, fields, s.shuffle_buffer, s.batch_size, s.num_samples]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict:
@@ -648,6 +771,7 @@ def make_loader(
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    check_field_specs(cfg.fields)
     modalities = [m for m in MODALITIES if m in cfg.fields]
     if "image" in modalities and image_transform is None:
         raise ValueError("data.fields has image but no image_transform was given")

@@ -1,14 +1,16 @@
-"""Evaluation: zero-shot classification and any-to-any retrieval, for training and for exports."""
+"""Evaluation: tasks over benchmark folders (classification, retrieval, composition, captioning)."""
 
-from mmcontrast.eval.clip_benchmark import write_clip_benchmark_wds
-from mmcontrast.eval.evaluate import evaluate
-from mmcontrast.eval.run import eval_main, evaluate_export, evaluate_on_urls, format_metrics_table
+from mmcontrast.eval.benchmark import Benchmark, BenchmarkError, Decoder, read_benchmark
+from mmcontrast.eval.run import eval_main, evaluate_export, format_metrics_table
+from mmcontrast.eval.runner import evaluate_benchmarks
 
 __all__ = [
+    "Benchmark",
+    "BenchmarkError",
+    "Decoder",
     "eval_main",
-    "evaluate",
+    "evaluate_benchmarks",
     "evaluate_export",
-    "evaluate_on_urls",
     "format_metrics_table",
-    "write_clip_benchmark_wds",
+    "read_benchmark",
 ]

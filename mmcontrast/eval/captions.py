@@ -1,4 +1,4 @@
-"""Caption generation with open_clip's `CoCa.generate`, and a caption check for the demo world.
+"""Caption generation with open_clip's `CoCa.generate` (captioning benchmarks and `mmcontrast caption`).
 
 `generate_captions` is what `mmcontrast caption` and the caption evaluation call; it is a thin
 mapping from a strategy name to open_clip's generation arguments, so captions from an export
@@ -7,13 +7,8 @@ loaded by open_clip itself are the same for the same images, strategy and seed.
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-
 import open_clip
 import torch
-
-from mmcontrast.data.demo import COLORS, SHAPES
 
 # strategy -> open_clip generate() arguments; greedy is top-k sampling with k = 1
 STRATEGIES = {
@@ -74,39 +69,6 @@ def generate_captions(
     finally:
         coca.train(was_training)
     return [decode_caption(row) for row in tokens.cpu()]
-
-
-_OBJECT = re.compile(rf"\b({'|'.join(COLORS)})\s+({'|'.join(SHAPES)})\b")
-
-
-def named_objects(caption: str) -> Counter:
-    """The (colour, shape) pairs a caption names, e.g. "a red circle left of a blue star"."""
-    return Counter(_OBJECT.findall(caption.lower()))
-
-
-def caption_names_objects(caption: str, meta: dict) -> bool:
-    """True when the caption names exactly the metadata's objects, each by colour and shape."""
-    truth = Counter((o["color"], o["shape"]) for o in meta["objects"])
-    return named_objects(caption) == truth
-
-
-def caption_metrics(captions: list[str], metas: list[dict]) -> dict:
-    """How often captions name the right colour and shape of every object, for single-object and
-    two-object samples separately ("caption/single_object", "caption/two_object", and counts)."""
-    hits, counts = Counter(), Counter()
-    for caption, meta in zip(captions, metas, strict=True):
-        n_objects = len(meta.get("objects") or [])
-        kind = {1: "single_object", 2: "two_object"}.get(n_objects)
-        if kind is None:
-            continue
-        counts[kind] += 1
-        hits[kind] += caption_names_objects(caption, meta)
-    metrics = {}
-    for kind in ("single_object", "two_object"):
-        metrics[f"caption/{kind}/n"] = counts[kind]
-        if counts[kind]:
-            metrics[f"caption/{kind}"] = hits[kind] / counts[kind]
-    return metrics
 
 
 def load_images(paths, preprocess) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`mmcontrast eval EXPORT_DIR --data URLS --out metrics.json`: evaluate an exported model on shards."""
+"""`mmcontrast eval EXPORT --benchmark DIR [...] --out metrics.json`: an export on benchmark folders."""
 
 from __future__ import annotations
 
@@ -6,86 +6,45 @@ import json
 import os
 from pathlib import Path
 
-from mmcontrast.config import MODALITIES, DataConfig
-from mmcontrast.eval.evaluate import evaluate
+from mmcontrast.eval.benchmark import Decoder, read_benchmark
+from mmcontrast.eval.runner import evaluate_benchmarks
 
 
-def default_class_names() -> list[str]:
-    from mmcontrast.data.demo import CLASSES
+def caption_fn_for(model, strategy: str):
+    """Caption generation for captioning benchmarks, or None (no CoCa decoder, or strategy '')."""
+    if not strategy or not hasattr(model.clip, "text_decoder"):
+        return None
+    from mmcontrast.eval.captions import generate_captions
 
-    return list(CLASSES)
-
-
-def export_data_config(model, urls: str, batch_size: int, workers: int) -> DataConfig:
-    """Decode the eval shards the way the exported run was trained to read them."""
-    meta = model.meta
-    return DataConfig(
-        val=urls,
-        batch_size=batch_size,
-        workers=workers,
-        fields=dict(meta["data_fields"]),
-        audio_sample_rate=model.audio_sample_rate,
-        audio_seconds=model.audio_num_samples / model.audio_sample_rate,
-    )
-
-
-def evaluate_on_urls(
-    model, urls: str, cfg, class_names: list[str] | None = None, workers: int | None = None
-) -> dict:
-    """Evaluate a training-time model (MultimodalModel, or a DeepSpeed engine's module) on val shards.
-
-    Uses the run's data config (fields, audio length), cfg.eval.batch_size and cfg.eval.templates.
-    """
-    from mmcontrast.data.pipeline import make_loader
-
-    loader = make_loader(
-        urls,
-        cfg.data,
-        image_transform=model.val_transform,
-        tokenizer=model.tokenizer,
-        train=False,
-        batch_size=cfg.eval.batch_size,
-        workers=cfg.data.workers if workers is None else workers,
-    )
-    return evaluate(
-        model,
-        loader,
-        cfg.eval.templates,
-        list(class_names or default_class_names()),
-        caption_strategy=cfg.eval.caption_strategy,
-    )
+    return lambda images: generate_captions(model.clip, images, strategy)
 
 
 def evaluate_export(
     export_dir,
-    urls: str,
+    benchmarks: list,
     out_json=None,
     batch_size: int = 256,
     workers: int = 0,
-    templates: list[str] | None = None,
-    class_names: list[str] | None = None,
     device: str = "cpu",
     caption_strategy: str = "greedy",
 ) -> dict:
-    """Load an export, run zero-shot and retrieval on `urls` and (optionally) write the metrics JSON.
-
-    Templates default to the ones the run was configured with (recorded in the export), class
-    names to the 24 demo classes. A CoCa export also captions every image (caption_strategy).
-    """
-    from mmcontrast.data.pipeline import make_loader
+    """Load an export and evaluate it on benchmark folders; optionally write the metrics JSON."""
     from mmcontrast.export import load_exported
 
+    folders = [read_benchmark(b) for b in benchmarks]  # a broken folder fails before the model loads
+    names = [b.name for b in folders]
+    if len(set(names)) != len(names):
+        raise ValueError(f"benchmark folder names must differ (they prefix the metric keys): {names}")
     model = load_exported(export_dir, device=device)
-    templates = list(templates or model.templates)
-    class_names = list(class_names or default_class_names())
-    loader = make_loader(
-        urls,
-        export_data_config(model, urls, batch_size, workers),
-        image_transform=model.preprocess,
-        tokenizer=model.tokenizer,
-        train=False,
+    decoder = Decoder(model.preprocess, model.audio_sample_rate, model.audio_num_samples)
+    metrics = evaluate_benchmarks(
+        model,
+        folders,
+        decoder,
+        batch_size=batch_size,
+        workers=workers,
+        caption_fn=caption_fn_for(model, caption_strategy),
     )
-    metrics = evaluate(model, loader, templates, class_names, caption_strategy=caption_strategy)
     if out_json is not None:
         write_json_atomic(out_json, metrics)
     return metrics
@@ -104,74 +63,43 @@ def _pct(value) -> str:
 
 
 def format_metrics_table(metrics: dict) -> str:
-    """A readable plain-text table of `evaluate`'s metrics (accuracies and recalls in percent)."""
+    """A plain-text table per benchmark: every fraction in percent, counts as they are."""
+    by_bench: dict[str, dict] = {}
+    for key, value in metrics.items():
+        bench, _, rest = key.partition("/")
+        by_bench.setdefault(bench, {})[rest] = value
     lines = []
-    order = {m: i for i, m in enumerate(MODALITIES)}
-    single = sorted(
-        {
-            k.split("/")[1]
-            for k in metrics
-            if k.startswith("zeroshot/") and k.count("/") == 2 and "+" not in k
-        },
-        key=lambda m: order.get(m, 99),
-    )
-    rows = [(m, f"zeroshot/{m}", metrics.get(f"zeroshot/{m}/n", 0)) for m in single]
-    tri = sorted({k.rsplit("/", 1)[0] for k in metrics if k.startswith("zeroshot/image+audio/")})
-    n_tri = metrics.get("zeroshot/image/n", "")
-    rows += [(f"{p.split('/')[1]} ({p.split('/')[2]})", p, n_tri) for p in tri]
-    if rows:
-        lines += ["zero-shot classification", f"  {'from':<20} {'top-1':>7} {'top-5':>7} {'n':>7}"]
-        for label, prefix, n in rows:
-            lines.append(
-                f"  {label:<20} {_pct(metrics.get(f'{prefix}/top1')):>7} {_pct(metrics.get(f'{prefix}/top5')):>7} {n:>7}"
-            )
-    pairs = [k.split("/")[1] for k in metrics if k.startswith("retrieval/") and k.endswith("/n")]
-    if pairs:
-        if lines:
-            lines.append("")
-        lines += ["retrieval", f"  {'query->gallery':<28} {'R@1':>7} {'R@5':>7} {'n':>7}"]
-        for pair in pairs:
-            a, b = pair.split("-", 1)
-            n = metrics[f"retrieval/{pair}/n"]
-            for src, dst in ((a, b), (b, a)):
-                prefix = f"retrieval/{src}->{dst}"
-                lines.append(
-                    f"  {src + '->' + dst:<28} {_pct(metrics.get(f'{prefix}/R@1')):>7} "
-                    f"{_pct(metrics.get(f'{prefix}/R@5')):>7} {n:>7}"
-                )
-        for prefix in sorted({k.rsplit("/", 1)[0] for k in metrics if k.startswith("retrieval/text->(")}):
-            label = f"{prefix.split('/')[1]} ({prefix.split('/')[2]})"
-            lines.append(
-                f"  {label:<28} {_pct(metrics.get(f'{prefix}/R@1')):>7} {_pct(metrics.get(f'{prefix}/R@5')):>7}"
-            )
-    categories = [k.split("/")[1] for k in metrics if k.startswith("composition/") and k.endswith("/n")]
-    if categories:
-        if lines:
-            lines.append("")
-        lines += [
-            "composition: true caption vs hard negative (chance 50)",
-            f"  {'category':<20} {'acc':>7} {'n':>7}",
-        ]
-        for category in categories:
-            n = metrics[f"composition/{category}/n"]
-            lines.append(f"  {category:<20} {_pct(metrics.get(f'composition/{category}')):>7} {n:>7}")
-    kinds = [k for k in ("single_object", "two_object") if f"caption/{k}/n" in metrics]
-    if kinds:
-        if lines:
-            lines.append("")
-        lines += ["captions naming every object's colour and shape", f"  {'samples':<20} {'acc':>7} {'n':>7}"]
-        for kind in kinds:
-            acc = metrics.get(f"caption/{kind}")
-            lines.append(f"  {kind.replace('_', '-'):<20} {_pct(acc):>7} {metrics[f'caption/{kind}/n']:>7}")
-    return "\n".join(lines) if lines else "(no metrics)"
+    for bench, values in by_bench.items():
+        lines.append(bench)
+        for name, value in values.items():
+            is_count = isinstance(value, int) or name.startswith(("skipped/", "nonfinite/", "encoded/"))
+            text = f"{value:>8}" if is_count else f"{_pct(value):>8}"
+            lines.append(f"  {name:<40} {text}")
+        warnings = [n for n in values if n.startswith("nonfinite/")]
+        if warnings:
+            lines.append("  WARNING: non-finite embeddings counted as misses: " + ", ".join(warnings))
+        lines.append("")
+    return "\n".join(lines).rstrip() if lines else "(no metrics)"
 
 
 def eval_main(
-    export_dir, data: str, out, batch_size: int = 256, workers: int = 0, caption_strategy: str = "greedy"
+    export_dir,
+    benchmarks: list,
+    out,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    caption_strategy: str = "greedy",
 ) -> dict:
     """Entry point for `mmcontrast eval`: evaluate, write `out` (JSON), print the table, return metrics."""
     metrics = evaluate_export(
-        export_dir, data, out, batch_size=batch_size, workers=workers, caption_strategy=caption_strategy
+        export_dir,
+        benchmarks,
+        out,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        caption_strategy=caption_strategy,
     )
     print(format_metrics_table(metrics))
     print(f"metrics written to {out}")

@@ -48,14 +48,23 @@ def _trains_master_weights(engine) -> bool:
     return engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
+def full_state_dict(engine, every_rank: bool = False) -> dict[str, torch.Tensor]:
     """Every weight of the wrapped model, gathered from ZeRO partitions when needed. A collective
-    under ZeRO: every rank calls it.
+    under ZeRO: every rank calls it. Under ZeRO-3 only rank 0 receives the weights unless
+    every_rank (then each rank holds a full copy, for a moment, as evaluation needs).
 
     bf16/fp16 runs train the optimizer's float32 master weights; the 16-bit module weights are
     their rounded copies, so each parameter is replaced by its master weight.
     """
-    if engine.zero_optimization_stage() == 3:
+    if engine.zero_optimization_stage() == 3 and every_rank:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            state = {
+                k: v.detach().float().cpu().contiguous().clone()
+                for k, v in engine.module.state_dict().items()
+            }
+    elif engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict() or {}
     else:
         state = engine.module.state_dict()

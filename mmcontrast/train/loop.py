@@ -15,7 +15,7 @@ import yaml
 from tqdm import tqdm
 
 from mmcontrast.config import Config
-from mmcontrast.data.pipeline import make_loader
+from mmcontrast.data.pipeline import check_shard_urls, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
@@ -109,29 +109,50 @@ def skipped_over_ranks(loader, with_keys: bool = False) -> dict:
     return {"counts": counts, "keys": sorted({k for part in gathered for k in part["keys"]})}
 
 
-def evaluate_on_rank0(engine, cfg: Config, rank: int) -> dict | None:
-    """Zero-shot and retrieval metrics on the val shards, computed on rank 0 (None elsewhere).
+def evaluation_model(engine, cfg: Config):
+    """The model to evaluate: the engine's module, or under ZeRO-3 (whose forward fetches its
+    partitions with collectives) an unpartitioned copy on every rank. Collective.
 
-    Collective. ZeRO-3 modules fetch their partitions with collectives in every forward, so
-    rank 0 evaluates an unpartitioned copy built from the gathered weights instead.
+    Buffers such as BatchNorm running statistics move on each rank's own batches; every rank
+    takes rank 0's first, the ones the checkpoint and the export hold, so all shares are encoded
+    by the same model.
     """
-    from mmcontrast.eval.run import evaluate_on_urls
+    with torch.no_grad():
+        for buffer in engine.module.buffers():
+            dist.broadcast(buffer, src=0)
+    if engine.zero_optimization_stage() != 3:
+        return engine.module
+    model = build_model(cfg.model, cfg.modalities)
+    model.load_state_dict(full_state_dict(engine, every_rank=True))
+    return model.to(engine.device)
 
-    model, result = engine.module, None
-    if engine.zero_optimization_stage() == 3:
-        weights = full_state_dict(engine)  # every rank takes part
-        if rank == 0:
-            model = build_model(cfg.model, cfg.modalities)
-            model.load_state_dict(weights)
-            model.to(engine.device)
-    if rank == 0:
-        model.eval()
-        try:
-            result = evaluate_on_urls(model, cfg.data.val, cfg)
-        finally:
-            model.train()
-    dist.barrier()
-    return result
+
+def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
+    """Metrics of every benchmark folder; each rank encodes its share. Collective."""
+    from mmcontrast.eval import Decoder, evaluate_benchmarks
+
+    model = evaluation_model(engine, cfg)
+    decoder = Decoder(
+        model.val_transform,
+        cfg.data.audio_sample_rate,
+        round(cfg.data.audio_seconds * cfg.data.audio_sample_rate),
+        cfg.data.max_image_pixels,
+    )
+    caption_fn = None
+    if cfg.eval.caption_strategy and hasattr(model.clip, "text_decoder"):
+        from mmcontrast.eval.captions import generate_captions
+
+        def caption_fn(images):
+            return generate_captions(model.clip, images, cfg.eval.caption_strategy)
+
+    return evaluate_benchmarks(
+        model,
+        benchmarks,
+        decoder,
+        batch_size=cfg.eval.batch_size,
+        workers=cfg.data.workers,
+        caption_fn=caption_fn,
+    )
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
@@ -144,7 +165,20 @@ def train(cfg: Config, resume: bool = False) -> dict:
         stop.close()
 
 
+def check_inputs(cfg: Config) -> list:
+    """Refuse a run whose inputs cannot be read, before any work: the one place for such checks.
+    Returns the eval benchmarks, read.
+
+    Every rank checks (each must stop, and a shard a node cannot see fails there).
+    """
+    from mmcontrast.eval import read_benchmark
+
+    check_shard_urls(cfg.data.train, "data.train")
+    return [read_benchmark(b) for b in cfg.eval.benchmarks]  # layout, shards, class names, templates
+
+
 def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) -> dict:
+    benchmarks = check_inputs(cfg)  # a missing shard or a broken benchmark fails now, before the model
     run_dir = Path(cfg.run.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -227,10 +261,10 @@ def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) 
             cfg.train.eval_every
             and step % cfg.train.eval_every == 0
             and step < cfg.train.steps
-            and cfg.data.val
+            and benchmarks
         ):
-            evaluation = evaluate_on_rank0(engine, cfg, rank)
-            metrics.log({"step": step, **{f"val/{k}": v for k, v in (evaluation or {}).items()}})
+            evaluation = evaluate_on_all_ranks(engine, cfg, benchmarks)
+            metrics.log({"step": step, **{f"val/{k}": v for k, v in evaluation.items()}})
 
         due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
         stopping = stop.agreed()  # SIGUSR1/SIGTERM on any rank: checkpoint now and leave
@@ -260,11 +294,10 @@ def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) 
         (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
         if skipped["counts"]:
             log.warning("skipped samples: %s", skipped["counts"])
-    if cfg.data.val:
-        final = evaluate_on_rank0(engine, cfg, rank)
-        if rank == 0:
-            metrics.log({"step": step, **{f"val/{k}": v for k, v in final.items()}})
-            result["eval"] = final
+    if benchmarks:
+        final = evaluate_on_all_ranks(engine, cfg, benchmarks)
+        metrics.log({"step": step, **{f"val/{k}": v for k, v in final.items()}})
+        result["eval"] = final
     metrics.close()
     dist.barrier()
     return result
