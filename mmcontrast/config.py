@@ -502,7 +502,8 @@ def _set_nested(tree: dict, path: list[str], value: Any) -> None:
 
 
 def _in_dataclass(path: list[str]) -> bool:
-    """Whether the key at `path` is a dataclass field (as `model.audio`), not a mapping entry."""
+    """Whether the key at `path` is a field of a config section (`model.audio`,
+    `eval.caption_strategy`), not an entry of a mapping-valued field (`data.fields.audio`)."""
     tp: Any = Config
     for part in path[:-1]:
         tp = _strip_optional(tp)

@@ -42,20 +42,12 @@ def folders(tmp_path_factory):
 
 
 def _raw_samples(folder):
-    import tarfile
+    """A benchmark folder's samples in order, each {"key": ..., extension: bytes}."""
+    from tests.test_demo_world import _samples
 
-    bench = read_benchmark(folder)
-    for shard in bench.shards:
-        sample = {}
-        with tarfile.open(shard) as tf:
-            for member in tf:
-                key, ext = member.name.split(".", 1)
-                if sample and sample["key"] != key:
-                    yield sample
-                    sample = {}
-                sample["key"] = key
-                sample[ext] = tf.extractfile(member).read()
-        yield sample
+    for shard in read_benchmark(folder).shards:
+        for key, fields in _samples(shard).items():
+            yield {"key": key, **fields}
 
 
 def _embed(model, sample):
@@ -347,3 +339,19 @@ def test_clip_benchmark_reads_our_folder_and_agrees(tmp_path, monkeypatch):
     assert cb["mean_per_class_recall"] == pytest.approx(
         ours["demo-classes/image/mean_per_class_recall"], abs=0.005
     )
+
+
+def _error_on_ranks(rank, world, folder):
+    try:
+        _run([folder])
+    except BenchmarkError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_broken_sample_on_one_rank_stops_every_rank(tmp_path):
+    """Sample 6 (the broken one) belongs to rank 0 only; rank 1 must not wait for it forever."""
+    bh.image_classes(tmp_path / "b", extra=[{"__key__": "bad", "png": bh.png("red"), "cls": "9"}])
+    messages = run_ranks(2, _error_on_ranks, str(tmp_path / "b"), timeout=60)
+    assert "class 9 is outside the 6 classes" in messages[0]
+    assert messages[1].startswith("benchmark b failed on another rank: rank 0: BenchmarkError")

@@ -1,8 +1,7 @@
 """Read a benchmark folder (layout in mmcontrast.data.benchmark) and decode its samples.
 
 `read_benchmark(DIR)` checks the layout and names the file at fault; `decoded_share(...)` yields
-the decoded samples one rank owns (every rank reads the tar stream, so the sample index is global,
-but decodes only sample i with i % world == rank).
+the decoded samples of one part of the work (a rank, or one decoding worker of a rank).
 """
 
 from __future__ import annotations
@@ -188,40 +187,50 @@ def detect_modalities(bench: Benchmark, wanted: list[str]) -> list[str]:
     raise BenchmarkError(f"benchmark {bench.root} has no readable sample")
 
 
+# Samples of one shard, at most: a sample's order key is shard * SHARD_STRIDE + position.
+SHARD_STRIDE = 2**32
+
+
 def decoded_share(
-    bench: Benchmark, modalities: list[str], decoder: Decoder, rank: int = 0, world: int = 1
+    bench: Benchmark, modalities: list[str], decoder: Decoder, part: int = 0, parts: int = 1
 ) -> Iterator[dict]:
-    """This rank's samples, decoded: {"index", "key", <modality>: tensor, "target": ...}, or
-    {"index", "key", "skip": reason} for a counted skip (unreadable media, empty captions)."""
-    index = 0
-    for url in bench.shards:
-        for raw in _tar_events(url):
-            mine = index % world == rank
-            index += 1
-            # every rank checks every target (cheap: no decoding), so a broken benchmark stops all
-            # ranks at once instead of leaving the others waiting in a collective
-            target = _target(bench, raw) if isinstance(raw, dict) else None
-            if not mine:
+    """One part's samples, decoded: {"index", "key", <modality>: tensor, "target": ...}, or
+    {"index", "key", "skip": reason} for a counted skip (unreadable media, empty captions).
+
+    With at least `parts` shards a part reads whole shards (shard s goes to part s % parts), so
+    no shard is read twice; with fewer, every part reads them all and decodes sample i when
+    i % parts == part. "index" orders the samples as the folder holds them.
+    """
+    by_shard = len(bench.shards) >= parts
+    counter = 0
+    for s, url in enumerate(bench.shards):
+        if by_shard and s % parts != part:
+            continue
+        for position, raw in enumerate(_tar_events(url)):
+            counter += 1
+            if not by_shard and (counter - 1) % parts != part:
                 continue
+            item = {"index": s * SHARD_STRIDE + position, "key": getattr(raw, "key", None)}
             if not isinstance(raw, dict):  # a truncated or unreadable shard
-                yield {"index": index - 1, "key": raw.key, "skip": raw.reason}
+                yield {**item, "skip": raw.reason}
                 continue
-            item = {"index": index - 1, "key": raw["__key__"]}
+            item["key"] = raw["__key__"]
+            target = _target(bench, raw)
             if target is None:
                 yield {**item, "skip": "empty_caption"}
                 continue
-            item["target"] = target
-            fields = media_of(raw)
-            for m in modalities:
-                if m not in fields:
-                    item = {**item, "skip": f"missing_{m}"}
-                    break
-                try:
-                    item[m] = decoder.decode(m, raw[fields[m]])
-                except Exception as exc:
-                    log.warning(
-                        "benchmark %s: skipping %s: unreadable %s (%s)", bench.name, _where(raw), m, exc
-                    )
-                    item = {"index": item["index"], "key": item["key"], "skip": f"bad_{m}"}
-                    break
-            yield item
+            yield _decoded(bench, raw, item, target, modalities, decoder)
+
+
+def _decoded(bench, raw: dict, item: dict, target, modalities: list[str], decoder: Decoder) -> dict:
+    fields = media_of(raw)
+    out = {**item, "target": target}
+    for m in modalities:
+        if m not in fields:
+            return {**item, "skip": f"missing_{m}"}
+        try:
+            out[m] = decoder.decode(m, raw[fields[m]])
+        except Exception as exc:
+            log.warning("benchmark %s: skipping %s: unreadable %s (%s)", bench.name, _where(raw), m, exc)
+            return {**item, "skip": f"bad_{m}"}
+    return out

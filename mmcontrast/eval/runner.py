@@ -1,7 +1,8 @@
 """Evaluate a model on benchmark folders, the work split over every rank.
 
-Each rank decodes and encodes its share of every benchmark (sample i goes to rank i % world) and
-of the texts (class prompts, captions); the embeddings are gathered, put back in sample order and
+Each rank decodes and encodes its share of every benchmark (whole shards, or every world-th
+sample; see benchmark.decoded_share) and of the texts (class prompts, captions: text j goes to
+rank j % world); the embeddings are gathered, put back in sample order and
 every rank computes the same metrics with the task functions of mmcontrast.eval.tasks. Works with
 anything that has `.encode(modality, x)`, `.modalities`, `.embed_dim` and `.tokenizer`: the
 training-time MultimodalModel and the ExportedModel alike.
@@ -145,10 +146,8 @@ class _Share(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # sample i: rank i % world, then worker (i // world) % workers of that rank
-        for item in decoded_share(*self.args, rank=self.rank, world=self.world):
-            if (item["index"] // self.world) % workers == worker:
-                yield item
+        # part r + world * w: rank r's worker w; with one worker per rank, part = rank
+        return decoded_share(*self.args, part=self.rank + self.world * worker, parts=self.world * workers)
 
 
 def _share_items(bench, modalities, decoder, rank, world, workers):
@@ -215,9 +214,15 @@ def evaluate_benchmark(
     modalities = detect_modalities(bench, wanted)
     if bench.task in ("composition", "captioning"):
         modalities = modalities[:1]
-    index, targets, skipped, local = _encode_share(
-        model, bench, modalities, decoder, batch_size, rank, world, workers, caption_fn
-    )
+    try:
+        index, targets, skipped, local = _encode_share(
+            model, bench, modalities, decoder, batch_size, rank, world, workers, caption_fn
+        )
+        error = None
+    except Exception as exc:  # told to every rank below, so none waits in a collective for this one
+        failure, error = exc, f"{type(exc).__name__}: {exc}"
+        index, targets, skipped = [], [], Counter()
+        local = {m: torch.zeros(0, model.embed_dim, device=model_device(model)) for m in modalities}
     log.info("benchmark %s: rank %d of %d encoded %d samples", bench.name, rank, world, len(index))
     shared = _gather_objects(
         {
@@ -225,9 +230,15 @@ def evaluate_benchmark(
             "targets": targets,
             "skipped": dict(skipped),
             "captions": local.get("image") if bench.task == "captioning" else None,
+            "error": error,
         },
         world,
     )
+    if error is not None:
+        raise failure
+    errors = [f"rank {r}: {part['error']}" for r, part in enumerate(shared) if part["error"]]
+    if errors:
+        raise BenchmarkError(f"benchmark {bench.name} failed on another rank: {errors[0]}")
     order = torch.tensor([i for part in shared for i in part["index"]], dtype=torch.long).argsort()
     all_targets = [t for part in shared for t in part["targets"]]
     all_targets = [all_targets[i] for i in order.tolist()]

@@ -297,7 +297,8 @@ def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) 
     if benchmarks:
         final = evaluate_on_all_ranks(engine, cfg, benchmarks)
         metrics.log({"step": step, **{f"val/{k}": v for k, v in final.items()}})
-        result["eval"] = final
+        if rank == 0:  # every rank holds it; one prints it
+            result["eval"] = final
     metrics.close()
     dist.barrier()
     return result
