@@ -51,7 +51,7 @@ def _cmd_train(args) -> None:
     cfg = load_config(args.config, args.overrides)  # refuses bad keys before any work
     from mmcontrast.train.loop import train
 
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume="if_exists" if args.resume_if_exists else args.resume)
     if "eval" in result:
         from mmcontrast.eval.run import format_metrics_table
 
@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config")
     train.add_argument("overrides", nargs="*", help="a.b=value")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument(
+        "--resume-if-exists",
+        action="store_true",
+        help="continue from the latest checkpoint, or start afresh when there is none (requeue scripts)",
+    )
     train.set_defaults(func=_cmd_train)
 
     export = sub.add_parser("export", help="checkpoint -> open_clip local-dir folder (+ audio tower)")
@@ -179,6 +184,7 @@ def main(argv=None) -> None:
     from mmcontrast.config import ConfigError
     from mmcontrast.eval.benchmark import BenchmarkError
     from mmcontrast.export import ExportError
+    from mmcontrast.train.resume import ResumeError
 
     # open_clip's factory logs every step to the root logger at INFO: keep the root at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -188,6 +194,9 @@ def main(argv=None) -> None:
         args.func(args)
     except ConfigError as exc:
         print(f"mmcontrast: config error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except ResumeError as exc:
+        print(f"mmcontrast: {exc}", file=sys.stderr)
         sys.exit(2)
     except (BenchmarkError, ExportError, FileNotFoundError, ValueError) as exc:
         print(f"mmcontrast: {exc}", file=sys.stderr)

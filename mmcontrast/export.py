@@ -266,6 +266,40 @@ def _build_tower(modality: str, spec: dict, embed_dim: int) -> nn.Module:
     return create_tower(embed_dim, tower_cfg)
 
 
+def _trust_remote_code_keys(tree, path: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        found = [f"{path}{k}" for k, v in tree.items() if k == "trust_remote_code" and v]
+        for k, v in tree.items():
+            found += _trust_remote_code_keys(v, f"{path}{k}.")
+        return found
+    if isinstance(tree, list):
+        return [key for i, v in enumerate(tree) for key in _trust_remote_code_keys(v, f"{path}{i}.")]
+    return []
+
+
+def _refuse_code_in_config(folder: Path, config: dict) -> None:
+    """An export is data: refuse a config that would have transformers import Python, either
+    with trust_remote_code or from a tokenizer or text model inside the (possibly foreign) folder."""
+    asks = _trust_remote_code_keys(config)
+    if asks:
+        raise ExportError(
+            f"{folder / OPEN_CLIP_CONFIG} sets {', '.join(asks)}: loading it would run Python code from "
+            "the model files; mmcontrast refuses that"
+        )
+    text_cfg = (config.get("model_cfg") or {}).get("text_cfg") or {}
+    root = folder.resolve()
+    for key in ("hf_tokenizer_name", "hf_model_name"):
+        value = text_cfg.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        target = (folder / value).resolve()  # open_clip resolves local-dir names from the folder
+        if target == root or root in target.parents:
+            raise ExportError(
+                f"{folder / OPEN_CLIP_CONFIG}: text_cfg.{key} {value!r} points into the export folder, "
+                "whose files could carry Python code; use a tokenizer name, not a path inside the export"
+            )
+
+
 def load_exported(path, device="cpu") -> ExportedModel:
     """Load a folder written by `export_run`; the image/text model comes from open_clip's local-dir."""
     folder = Path(path)
@@ -285,6 +319,7 @@ def load_exported(path, device="cpu") -> ExportedModel:
     if missing:
         raise ExportError(f"export {folder} is incomplete: missing {', '.join(missing)}")
 
+    _refuse_code_in_config(folder, _read_json(folder / OPEN_CLIP_CONFIG))
     name = f"local-dir:{folder}"
     clip, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
     tokenizer = open_clip.get_tokenizer(name)

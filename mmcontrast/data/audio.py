@@ -12,6 +12,7 @@ import functools
 import io
 import math
 
+import numpy as np
 import soundfile as sf
 import torch
 
@@ -66,6 +67,8 @@ def decode_audio(
         raise AudioDecodeError(f"cannot decode {len(data)} bytes of audio: {exc}") from exc
     if wave.shape[0] == 0:
         raise AudioDecodeError(f"audio of {len(data)} bytes decodes to zero frames")
+    if not np.isfinite(wave).all():  # one NaN clip would poison every weight it reaches
+        raise AudioDecodeError(f"audio of {len(data)} bytes holds NaN or infinite samples")
     mono = torch.from_numpy(wave).mean(dim=1)
     mono = resample(mono, int(sr), int(target_sr))
     n = mono.shape[0]

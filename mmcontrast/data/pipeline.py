@@ -21,7 +21,8 @@ replays it) and evaluation takes the first. A sample lacking an image or audio f
 with present[m] False and zeros in its place; lacking text, or left with fewer than two
 modalities, it is skipped. Corrupt samples are skipped, never raised. Skip reasons: bad_image,
 too_large_image (the header claims more than data.max_image_pixels; nothing is decoded),
-bad_audio, bad_caption (not utf-8, bad JSON, a caption that is not a string or list of strings,
+bad_audio (undecodable, or NaN/inf samples), duplicate_key (a key repeated in a shard),
+bad_caption (not utf-8, bad JSON, a caption that is not a string or list of strings,
 tokenizer failed), empty_caption, missing_caption, too_few_modalities, truncated_tar (the sample
 a cut tar ended in; its key, else the shard URL), bad_shard (unopenable or not a tar; the URL).
 `loader.skipped` / `loader.skipped_keys` total what the consumed batches (and each worker's
@@ -220,7 +221,10 @@ def _tar_events(url: str) -> Iterator[dict | _Skip]:
     """Samples (dicts of raw bytes by extension) of one shard, plus skip records.
 
     Hand-rolled rather than webdataset's tar_file_expander + group_by_keys: on a truncated member
-    those pass the incomplete sample on as if it were whole, and do not say which one it was.
+    those pass the incomplete sample on as if it were whole, and do not say which one it was; and
+    a member repeated under the same key silently replaces the first (an image swapped under
+    another caption). Here a key met twice in a shard, within one sample or after others, makes
+    that sample a `duplicate_key` skip.
     """
     try:
         stream = gopen(url)
@@ -231,6 +235,7 @@ def _tar_events(url: str) -> Iterator[dict | _Skip]:
     group: dict | None = None
     pending: str | None = None  # member whose header was read but not yet its data
     truncated = False
+    seen: set[str] = set()  # sample keys of this shard so far
     try:
         try:
             tf = tarfile.open(fileobj=stream, mode="r|*")
@@ -249,10 +254,15 @@ def _tar_events(url: str) -> Iterator[dict | _Skip]:
                 pending = None
                 tf.members = []  # stream mode would otherwise keep every header of the shard
                 if group is not None and group["__key__"] != key:
-                    yield group
+                    yield _checked(group)
                     group = None
                 if group is None:
                     group = {"__key__": key, "__url__": url}
+                    if key in seen:
+                        group["__duplicate__"] = True
+                    seen.add(key)
+                if ext.lower() in group:
+                    group["__duplicate__"] = True
                 group[ext.lower()] = data
             # tarfile stops quietly when the stream ends inside a header; a real end reads a full
             # zero block at the current offset.
@@ -264,18 +274,25 @@ def _tar_events(url: str) -> Iterator[dict | _Skip]:
         if truncated:
             cut_key = base_plus_ext(pending)[0] if pending else None
             if group is not None and cut_key is not None and cut_key != group["__key__"]:
-                yield group  # the cut member starts a new sample; the previous one is whole
+                yield _checked(group)  # the cut member starts a new sample; the previous one is whole
                 group = None
             known = cut_key or (group["__key__"] if group is not None else None)
             group = None
             yield _Skip("truncated_tar", known or url)
         elif group is not None:
-            yield group
+            yield _checked(group)
     finally:
         try:
             stream.close()
         except Exception:  # a pipe closed early exits with SIGPIPE; its data is already judged
             pass
+
+
+def _checked(group: dict) -> dict | _Skip:
+    if group.pop("__duplicate__", False):
+        log.warning("shard %s repeats sample key %r: skipping it", group["__url__"], group["__key__"])
+        return _Skip("duplicate_key", group["__key__"])
+    return group
 
 
 def _source_events(shards: list[str]) -> Iterator[dict | _Skip]:

@@ -1,13 +1,18 @@
 """Checkpoints that resume exactly and never leave a half-written latest one.
 
 Layout: RUN_DIR/checkpoints/<tag>/ holds DeepSpeed's files (model, optimizer, scheduler),
-rank<r>.pt per rank (step, RNG states, data position) and model.safetensors (full fp32 weights
-for export). RUN_DIR/checkpoints/latest names the newest complete tag; it is replaced atomically
-only after every rank has finished writing.
+rank<r>.pt per rank (step, RNG states, data position), model.safetensors (full fp32 weights
+for export) and manifest.json (the SHA-256 of every file, written once all are fsynced).
+RUN_DIR/checkpoints/latest names the newest complete tag; it is replaced atomically only after
+every rank has finished writing. A resume verifies the manifest and falls back to the newest
+intact checkpoint, saying which file was damaged.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import shutil
@@ -17,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+
+log = logging.getLogger("mmcontrast.train")
 
 
 def checkpoint_root(run_dir) -> Path:
@@ -109,6 +116,7 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
         for name, state in (weights_files or {}).items():
             save_file(state, str(root / tag / f"{name}.safetensors"))
     dist.barrier()
+    write_manifest(root / tag)  # checksums of the complete checkpoint, before `latest` moves
     if rank == 0:
         _write_atomic(root / "latest", tag)
         tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
@@ -117,6 +125,87 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
                 shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return tag
+
+
+MANIFEST = "manifest.json"
+# numpy's RNG state (a uint32 array) is all rank<r>.pt holds beyond tensors and plain data
+_NUMPY_RNG_STATE = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _my_files(folder: Path) -> list[Path]:
+    """This rank's share of a checkpoint folder's files (each rank reads 1/world of the bytes)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return files[dist.get_rank() :: dist.get_world_size()]
+
+
+def write_manifest(folder: Path) -> None:
+    """Collective: fsync every file of the checkpoint and record its SHA-256 in manifest.json."""
+    mine = {}
+    for path in _my_files(folder):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        mine[str(path.relative_to(folder))] = _sha256(path)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    if dist.get_rank() == 0:
+        files = {name: digest for part in parts for name, digest in sorted(part.items())}
+        _write_atomic(folder / MANIFEST, json.dumps({"sha256": files}, indent=1, sort_keys=True))
+
+
+def damaged_files(folder: Path) -> list[str]:
+    """Collective: the files of a checkpoint that are missing, extra or differ from its manifest
+    (["manifest.json"] when it has none: the checkpoint never completed)."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return [MANIFEST]
+    want = json.loads(manifest.read_text())["sha256"]
+    found = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    bad = sorted((set(want) - found) | (found - set(want)))
+    bad += [
+        str(p.relative_to(folder))
+        for p in _my_files(folder)
+        if str(p.relative_to(folder)) in want and _sha256(p) != want[str(p.relative_to(folder))]
+    ]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, bad)
+    return sorted({name for part in parts for name in part})
+
+
+def intact_tag(run_dir) -> str | None:
+    """Collective: the newest checkpoint whose files match their manifest, starting at `latest`.
+    A damaged or incomplete one is named in a warning and passed over, never silently."""
+    root = checkpoint_root(run_dir)
+    latest = latest_tag(run_dir)
+    if latest is None:
+        return None
+    tags = sorted((p.name for p in root.glob("step_*") if p.is_dir() and p.name <= latest), reverse=True)
+    if latest not in tags:
+        log.warning(
+            "%s names checkpoint %s, which is missing: falling back to an older one", root / "latest", latest
+        )
+    for tag in tags:
+        bad = damaged_files(root / tag)
+        if not bad:
+            return tag
+        if bad == [MANIFEST] and tag == latest and not (root / tag / MANIFEST).exists():
+            log.warning(
+                "checkpoint %s has no %s (written by an older mmcontrast): not verified", tag, MANIFEST
+            )
+            return tag
+        log.warning(
+            "checkpoint %s is damaged or incomplete (%s): falling back to an older one",
+            root / tag,
+            ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""),
+        )
+    raise FileNotFoundError(f"no intact checkpoint in {root}: every one is damaged or incomplete")
 
 
 def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
@@ -138,7 +227,8 @@ def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
         raise FileNotFoundError(
             f"{state_file} is missing: was this checkpoint written with a different number of ranks?"
         )
-    state = torch.load(state_file, weights_only=False)
+    with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
+        state = torch.load(state_file, weights_only=True)
     state["tag"] = tag
     return state
 

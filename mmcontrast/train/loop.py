@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
 from mmcontrast.config import Config
@@ -20,7 +19,6 @@ from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
     full_state_dict,
-    latest_tag,
     load_checkpoint,
     load_weights_file,
     save_checkpoint,
@@ -30,6 +28,7 @@ from mmcontrast.train.engine import PRECISION_DTYPES, build_engine, init_distrib
 from mmcontrast.train.grad_cache import grad_cache_step
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
 from mmcontrast.train.preemption import StopRequest, clear_marker, write_marker
+from mmcontrast.train.resume import check_resume, write_run_config
 from mmcontrast.train.teacher import EmaTeacher
 
 log = logging.getLogger("mmcontrast.train")
@@ -155,7 +154,8 @@ def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
     )
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
+def train(cfg: Config, resume: bool | str = False) -> dict:
+    """Train a run. resume: False, True (the latest checkpoint must exist) or "if_exists"."""
     # ---- set-up
     rank, world, local_rank = init_distributed()
     stop = StopRequest(torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
@@ -177,13 +177,14 @@ def check_inputs(cfg: Config) -> list:
     return [read_benchmark(b) for b in cfg.eval.benchmarks]  # layout, shards, class names, templates
 
 
-def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) -> dict:
+def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopRequest) -> dict:
     benchmarks = check_inputs(cfg)  # a missing shard or a broken benchmark fails now, before the model
+    # a resume that cannot continue this run is refused before any file of the run changes
+    resume_tag = check_resume(cfg, world, "required" if resume is True else resume or "")
     run_dir = Path(cfg.run.dir)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         clear_marker(run_dir)  # only a stop during this run may leave it
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_run_config(cfg, resume_tag)
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.modalities)
     if cfg.train.activation_checkpointing:
@@ -193,11 +194,11 @@ def _train(cfg: Config, resume: bool, rank: int, world: int, stop: StopRequest) 
     float_dtype = PRECISION_DTYPES[cfg.train.precision]
 
     state = None
-    if resume and latest_tag(run_dir) is not None:
-        state = load_checkpoint(engine, run_dir)
-        log.info("resumed from %s at step %d", latest_tag(run_dir), state["step"])
-        if rank == 0:  # records logged after that checkpoint belong to a future that was lost
-            drop_records_after(run_dir, state["step"])
+    if resume_tag is not None:
+        state = load_checkpoint(engine, run_dir, resume_tag)
+        log.info("resumed from %s at step %d", resume_tag, state["step"])
+    if rank == 0 and resume:  # records logged after that checkpoint (or any, without one) were lost
+        drop_records_after(run_dir, state["step"] if state else 0)
     step = state["step"] if state else 0
     teacher = None
     if objective.teacher_decay is not None:  # e.g. degla: an EMA copy of the model, checkpointed

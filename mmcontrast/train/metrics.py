@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import secrets
+import string
 from pathlib import Path
+
+log = logging.getLogger("mmcontrast.train")
 
 
 def _plain(value):
@@ -16,16 +21,43 @@ def _plain(value):
 
 
 def drop_records_after(run_dir, step: int) -> None:
-    """Rewrite metrics.jsonl without records past `step` (a resumed run logs them again)."""
+    """Rewrite metrics.jsonl without records past `step` (a resumed run logs them again).
+
+    A last line cut short by a kill is dropped with a warning naming the file; a damaged line
+    before the last is an error naming the file and line, since records would be lost.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return
-    kept = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not a JSON record; repair or remove it") from None
+            log.warning("%s: dropping its damaged last line (a write cut short): %r", path, line[:80])
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+def wandb_run_id(run_dir) -> str:
+    """The run directory's wandb id, made on first use: a resumed or requeued job continues the
+    same wandb run instead of starting a new one."""
+    path = Path(run_dir) / "wandb_id.txt"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    alphabet = string.ascii_lowercase + string.digits  # the characters of wandb's own ids
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    tmp.replace(path)
+    return run_id
 
 
 class MetricsLogger:
@@ -41,6 +73,7 @@ class MetricsLogger:
             import wandb
 
             self.wandb_run = wandb.init(
+                id=wandb_run_id(run_dir),
                 project=cfg.run.wandb_project,
                 name=cfg.run.name or Path(run_dir).name,
                 dir=str(run_dir),
