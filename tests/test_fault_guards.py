@@ -300,3 +300,42 @@ def test_a_pickle_payload_in_a_checkpoint_does_not_run(small_run, tmp_path, vict
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is real: a full unpickler runs it
     assert marker.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_to_the_process_group_checkpoint_and_resume_exactly(repo_root, tmp_path):
+    """The signal reaches the trainer and its data-loader workers alike (as Ctrl-C in a terminal
+    and `kill -TERM -PGID` do): the run stops after a step with a checkpoint, exits 0, and
+    `--resume` continues with the uninterrupted run's losses."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mmcontrast.data.demo import write_demo_world
+    from tests.test_train_e2e import TINY, _train_losses
+
+    world = write_demo_world(tmp_path / "world", n_train=64, n_val=0, seed=1, samples_per_shard=16)
+    base = [*TINY, f"data.train={world['urls']['train']}", "eval.benchmarks=[]", "data.workers=2"]
+    base += ["train.steps=20", "train.checkpoint_every=1000"]
+
+    def command(run, *extra):
+        return [sys.executable, "-m", "mmcontrast.cli", "train", str(repo_root / "configs/demo.yaml"), *base, f"run.dir={run}", *extra]  # fmt: skip
+
+    subprocess.run(command(tmp_path / "reference"), check=True, capture_output=True, timeout=300)
+    reference = _train_losses(tmp_path / "reference")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        run = tmp_path / signum.name
+        proc = subprocess.Popen(command(run), start_new_session=True, stderr=subprocess.PIPE, text=True)
+        metrics = run / "metrics.jsonl"
+        while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signum)  # the whole group: trainer and workers
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 0, err[-2000:]
+        stopped = json.loads((run / "preempted.json").read_text())
+        assert stopped["signal"] == signum.name and 3 <= stopped["step"] < 20
+        subprocess.run(command(run, "--resume"), check=True, capture_output=True, timeout=300)
+        resumed = _train_losses(run)
+        assert sorted(resumed) == list(range(1, 21))
+        assert all(resumed[s]["loss"] == reference[s]["loss"] for s in resumed), signum.name

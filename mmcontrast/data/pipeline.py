@@ -55,6 +55,7 @@ import random
 import re
 import shlex
 import shutil
+import signal
 import tarfile
 import urllib.error
 import urllib.request
@@ -606,6 +607,17 @@ class _RoleStream(IterableDataset):
         yield from self.role_items(role, self.offsets[role])
 
 
+def workers_ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C, SIGTERM and SIGUSR1 to the trainer.
+
+    A signal sent to the whole process group (Ctrl-C, `kill -TERM -PGID`, many schedulers) also
+    reaches the workers, and torch's worker handler dies on it, which would kill the run before
+    it can checkpoint. The main process stops after its step and shuts the workers down itself.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -714,6 +726,7 @@ class ShardLoader:
             return iter(s)
         loader = DataLoader(
             s,
+            worker_init_fn=workers_ignore_stop_signals,
             batch_size=None,
             num_workers=self.workers,
             collate_fn=_identity,

@@ -1,8 +1,9 @@
-"""Stop on SIGUSR1 / SIGTERM: finish the step, checkpoint, leave a marker, exit cleanly.
+"""Stop on SIGUSR1 / SIGTERM / SIGINT: finish the step, checkpoint, leave a marker, exit cleanly.
 
 SLURM sends SIGUSR1 before the time limit (`#SBATCH --signal`) and SIGTERM on preemption or
-cancel. Ranks may see a signal at different steps, so they agree through a one-element
-all-reduce each step; every rank then stops after the same step.
+cancel; Ctrl-C sends SIGINT (a second one stops at once). Ranks may see a signal at different
+steps, so they agree through a one-element all-reduce each step; every rank then stops after the
+same step. Data-loader workers ignore these signals (pipeline.workers_ignore_stop_signals).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("mmcontrast.train")
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 MARKER = "preempted.json"  # in the run dir while the run stopped early and can resume
 
 
@@ -34,9 +35,13 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:
             return
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         if self.signal is None:
             log.warning(
-                "received %s: stopping after this step with a checkpoint", signal.Signals(signum).name
+                "received %s: finishing this step; then, if every rank still answers, checkpointing "
+                "and stopping (press Ctrl-C again to stop at once)",
+                signal.Signals(signum).name,
             )
         self.signal = signum
 
