@@ -34,6 +34,16 @@ TEMPLATES = "zeroshot_classification_templates.txt"
 DATASET_TYPE = "dataset_type.txt"
 
 
+def media_of(sample: dict) -> dict[str, str]:
+    """modality -> the sample's field holding it (first of the modality's extensions)."""
+    found = {}
+    for modality, exts in MEDIA_EXTS.items():
+        ext = next((e for e in exts if e in sample), None)
+        if ext is not None:
+            found[modality] = ext
+    return found
+
+
 def clip_benchmark_template(template: str) -> str:
     """clip_benchmark fills templates with str.format(c=name); mmcontrast also takes "{}"."""
     return template.replace("{}", "{c}")
@@ -166,11 +176,7 @@ def benchmark_from_shards(
                 if not isinstance(raw, dict):
                     skipped[raw.reason] += 1
                     continue
-                media = {}
-                for exts in MEDIA_EXTS.values():  # the first field of each modality, unchanged
-                    ext = next((e for e in exts if e in raw), None)
-                    if ext is not None:
-                        media[ext] = raw[ext]
+                media = {ext: raw[ext] for ext in media_of(raw).values()}  # copied unchanged
                 if not media:
                     skipped["no_media"] += 1
                     continue

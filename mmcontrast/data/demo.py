@@ -235,31 +235,15 @@ TEMPLATES = ("a {c}.", "a photo of a {c}.", "the sound of a {c}.")
 BENCHMARKS = ("demo-classes", "demo-retrieval", "demo-composition", "demo-captions")
 
 
-def _read_samples(paths: list[Path]):
-    import tarfile
-
-    for path in paths:
-        sample: dict = {}
-        with tarfile.open(path) as tf:
-            for member in tf:
-                key, ext = member.name.split(".", 1)
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample = {}
-                sample["__key__"] = key
-                sample[ext] = tf.extractfile(member).read()
-        if sample:
-            yield sample
-
-
 def write_demo_benchmarks(out_dir: str | Path, val_shards: list[Path]) -> dict[str, dict]:
     """The val split as benchmark folders: classes (single objects, image and sound), retrieval,
     composition (one hard negative per SugarCrepe-style category) and captioning."""
     from mmcontrast.data.benchmark import write_benchmark
     from mmcontrast.data.negatives import demo_negatives, sample_rng
+    from mmcontrast.data.pipeline import _tar_events
 
     out = Path(out_dir)
-    samples = list(_read_samples(val_shards))
+    samples = [s for path in val_shards for s in _tar_events(str(path))]  # the shards just written
     metas = [json.loads(s["json"]) for s in samples]
 
     def classes():

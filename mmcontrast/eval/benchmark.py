@@ -6,7 +6,6 @@ the decoded samples of one part of the work (a rank, or one decoding worker of a
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -14,10 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
+from mmcontrast.config import DataConfig
 from mmcontrast.data.audio import decode_audio
-from mmcontrast.data.benchmark import CLASSNAMES, DATASET_TYPE, MEDIA_EXTS, SPLIT, TASKS, TEMPLATES
+from mmcontrast.data.benchmark import CLASSNAMES, DATASET_TYPE, SPLIT, TASKS, TEMPLATES, media_of
+from mmcontrast.data.image import decode_image
 from mmcontrast.data.pipeline import _tar_events
 
 log = logging.getLogger(__name__)
@@ -78,25 +78,6 @@ def read_benchmark(path) -> Benchmark:
     return Benchmark(root.name, root, task, classnames, templates, [str(s) for s in shards])
 
 
-def media_of(sample: dict) -> dict[str, str]:
-    """modality -> the sample's field holding it (first of the modality's extensions)."""
-    found = {}
-    for modality, exts in MEDIA_EXTS.items():
-        ext = next((e for e in exts if e in sample), None)
-        if ext is not None:
-            found[modality] = ext
-    return found
-
-
-def _decode_image(data: bytes, preprocess, max_pixels: int) -> torch.Tensor:
-    try:
-        from mmcontrast.data.image import decode_image
-    except ImportError:  # pragma: no cover - the image module lands with the pipeline work
-        with Image.open(io.BytesIO(data)) as im:
-            return preprocess(im.convert("RGB"))
-    return preprocess(decode_image(data, max_pixels))
-
-
 @dataclass
 class Decoder:
     """How this model reads benchmark media: the image preprocess and the audio length."""
@@ -104,11 +85,11 @@ class Decoder:
     preprocess: Callable | None
     audio_sample_rate: int
     audio_num_samples: int
-    max_image_pixels: int = 89_478_485
+    max_image_pixels: int = DataConfig.max_image_pixels
 
     def decode(self, modality: str, data: bytes) -> torch.Tensor:
         if modality == "image":
-            return _decode_image(data, self.preprocess, self.max_image_pixels)
+            return self.preprocess(decode_image(data, self.max_image_pixels))
         return decode_audio(data, self.audio_sample_rate, self.audio_num_samples)
 
 

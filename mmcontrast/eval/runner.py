@@ -22,6 +22,7 @@ from mmcontrast.config import MODALITIES
 from mmcontrast.eval import tasks
 from mmcontrast.eval.benchmark import Benchmark, BenchmarkError, Decoder, decoded_share, detect_modalities
 from mmcontrast.eval.metrics import TEXT_CHUNK, class_embeddings
+from mmcontrast.losses.gather import gather_rows, world_info
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +33,6 @@ RETRIEVAL_KS = (1, 5, 10)
 # ---------------------------------------------------------------- collectives (no-ops alone)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather_objects(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -46,27 +41,12 @@ def _gather_objects(obj, world: int) -> list:
     return out
 
 
-def _gather_rows(local: torch.Tensor, world: int) -> list[torch.Tensor]:
-    """Every rank's (n_r, d) rows, uneven n_r allowed; the collectives run on local's device."""
-    if world == 1:
-        return [local]
-    size = torch.tensor([local.shape[0]], device=local.device)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    sizes = [int(s) for s in sizes]
-    padded = torch.zeros(max(sizes), *local.shape[1:], dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return [p[:n] for p, n in zip(parts, sizes, strict=True)]
-
-
-def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Rows split as j -> rank j % world, back in j order."""
-    total = sum(p.shape[0] for p in parts)
-    out = parts[0].new_empty(total, *parts[0].shape[1:])
-    for r, p in enumerate(parts):
-        out[r :: len(parts)] = p
+def _gather_strided(local: torch.Tensor, total: int, world: int) -> torch.Tensor:
+    """Rows split as j -> rank j % world, gathered (on local's device) and back in j order."""
+    gathered, _ = gather_rows(local, with_grad=False)  # rank-major
+    order = torch.tensor([j for r in range(world) for j in range(r, total, world)], device=gathered.device)
+    out = torch.empty_like(gathered)
+    out[order] = gathered
     return out
 
 
@@ -119,7 +99,7 @@ def _encode_texts(model, texts: list[str], rank: int, world: int) -> torch.Tenso
         for i in range(0, len(mine), TEXT_CHUNK)
     ]
     local = torch.cat(parts) if parts else torch.zeros(0, model.embed_dim, device=device)
-    return _interleave(_gather_rows(local, world))
+    return _gather_strided(local, len(texts), world)
 
 
 def _class_embeddings(model, bench: Benchmark, rank: int, world: int) -> torch.Tensor:
@@ -132,7 +112,7 @@ def _class_embeddings(model, bench: Benchmark, rank: int, world: int) -> torch.T
         )
     else:
         local = torch.zeros(0, model.embed_dim, device=device)
-    return _interleave(_gather_rows(local, world))
+    return _gather_strided(local, len(bench.classnames), world)
 
 
 class _Share(IterableDataset):
@@ -203,7 +183,7 @@ def evaluate_benchmark(
     caption_fn: Callable | None = None,
 ) -> dict:
     """Metrics of one benchmark (keys without the benchmark prefix). A collective call."""
-    rank, world = _world()
+    rank, world = world_info()
     wanted = [m for m in MODALITIES if m in model.modalities and m != "text"]
     if bench.task == "captioning":
         if caption_fn is None:
@@ -257,7 +237,7 @@ def evaluate_benchmark(
         return metrics
     emb = {}
     for m in modalities:
-        gathered = torch.cat(_gather_rows(local[m], world))[order.to(local[m].device)].cpu()
+        gathered = gather_rows(local[m], with_grad=False)[0][order.to(local[m].device)].cpu()
         bad = int((~torch.isfinite(gathered).all(dim=1)).sum())
         if bad:
             metrics[f"nonfinite/{m}"] = bad

@@ -55,6 +55,10 @@ def _trains_master_weights(engine) -> bool:
     return engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
+def _fp32_copy(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
+
+
 def full_state_dict(engine, every_rank: bool = False) -> dict[str, torch.Tensor]:
     """Every weight of the wrapped model, gathered from ZeRO partitions when needed. A collective
     under ZeRO: every rank calls it. Under ZeRO-3 only rank 0 receives the weights unless
@@ -67,15 +71,11 @@ def full_state_dict(engine, every_rank: bool = False) -> dict[str, torch.Tensor]
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-            state = {
-                k: v.detach().float().cpu().contiguous().clone()
-                for k, v in engine.module.state_dict().items()
-            }
+            state = _fp32_copy(engine.module.state_dict())  # copied while the partitions are gathered
     elif engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict() or {}
+        state = _fp32_copy(engine._zero3_consolidated_16bit_state_dict() or {})
     else:
-        state = engine.module.state_dict()
-    state = {k: v.detach().float().cpu().contiguous().clone() for k, v in state.items()}
+        state = _fp32_copy(engine.module.state_dict())
     if _trains_master_weights(engine):
         from deepspeed.utils import safe_get_full_fp32_param
 

@@ -129,6 +129,7 @@ def evaluation_model(engine, cfg: Config):
 def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
     """Metrics of every benchmark folder; each rank encodes its share. Collective."""
     from mmcontrast.eval import Decoder, evaluate_benchmarks
+    from mmcontrast.eval.run import caption_fn_for
 
     model = evaluation_model(engine, cfg)
     decoder = Decoder(
@@ -137,20 +138,13 @@ def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
         round(cfg.data.audio_seconds * cfg.data.audio_sample_rate),
         cfg.data.max_image_pixels,
     )
-    caption_fn = None
-    if cfg.eval.caption_strategy and hasattr(model.clip, "text_decoder"):
-        from mmcontrast.eval.captions import generate_captions
-
-        def caption_fn(images):
-            return generate_captions(model.clip, images, cfg.eval.caption_strategy)
-
     return evaluate_benchmarks(
         model,
         benchmarks,
         decoder,
         batch_size=cfg.eval.batch_size,
         workers=cfg.data.workers,
-        caption_fn=caption_fn,
+        caption_fn=caption_fn_for(model, cfg.eval.caption_strategy),
     )
 
 
