@@ -184,6 +184,7 @@ def main(argv=None) -> None:
     from mmcontrast.config import ConfigError
     from mmcontrast.eval.benchmark import BenchmarkError
     from mmcontrast.export import ExportError
+    from mmcontrast.train.guard import NonFiniteError
     from mmcontrast.train.resume import ResumeError
 
     # open_clip's factory logs every step to the root logger at INFO: keep the root at WARNING.
@@ -198,7 +199,7 @@ def main(argv=None) -> None:
     except ResumeError as exc:
         print(f"mmcontrast: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (BenchmarkError, ExportError, FileNotFoundError, ValueError) as exc:
+    except (BenchmarkError, ExportError, NonFiniteError, FileNotFoundError, ValueError) as exc:
         print(f"mmcontrast: {exc}", file=sys.stderr)
         sys.exit(1)
 

@@ -8,17 +8,22 @@ import signal
 
 import torch
 
+from mmcontrast.train.guard import agree_on_step
 from mmcontrast.train.preemption import MARKER, StopRequest, clear_marker, write_marker
 from tests.distributed import run_ranks
 
 
+def _stop_agreed(stop) -> bool:
+    return agree_on_step(torch.tensor(1.0), stop.signal)[1]
+
+
 def _agree_after_signal(rank, world, signalled_rank, signum):
-    stop = StopRequest(torch.device("cpu"))
+    stop = StopRequest()
     try:
-        before = stop.agreed()
+        before = _stop_agreed(stop)
         if rank == signalled_rank:
             os.kill(os.getpid(), signum)
-        after = stop.agreed()
+        after = _stop_agreed(stop)
         # a forked child (as a data-loader worker) inherits the handler but must not react
         seen = stop.signal
         pid = os.fork()
@@ -41,7 +46,7 @@ def test_a_signal_on_one_rank_stops_every_rank():
 
 def test_handlers_are_restored_on_close():
     previous = signal.getsignal(signal.SIGUSR1)
-    stop = StopRequest(torch.device("cpu"))
+    stop = StopRequest()
     assert signal.getsignal(signal.SIGUSR1) == stop._handle
     stop.close()
     assert signal.getsignal(signal.SIGUSR1) == previous

@@ -10,6 +10,7 @@ import torch
 
 from mmcontrast.config import ConfigError
 from mmcontrast.train.ds_config import deepspeed_config
+from mmcontrast.train.guard import FiniteGuardedAdamW
 
 
 def init_distributed() -> tuple[int, int, int]:
@@ -66,9 +67,10 @@ def build_engine(model: torch.nn.Module, cfg):
         raise ConfigError(
             "train.precision: fp16 needs a GPU (DeepSpeed's dynamic loss scaling); use bf16 or fp32 on CPU"
         )
-    optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps
-    )
+    # DeepSpeed's bf16 and ZeRO optimizers skip a step with non-finite gradients; plain fp32
+    # stage 0 steps this one directly, which must then skip it itself (train/guard.py)
+    adamw = FiniteGuardedAdamW if t.zero_stage == 0 and t.precision == "fp32" else torch.optim.AdamW
+    optimizer = adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps, t.min_lr / t.lr))
     engine, _, _, _ = deepspeed.initialize(
         model=model,

@@ -111,14 +111,21 @@ def _frozen_batchnorm_stats(model: nn.Module):
 
 
 def grad_cache_step(
-    forward, compute_loss, batch: dict, pieces: int, backward, model: nn.Module | None = None
+    forward,
+    compute_loss,
+    batch: dict,
+    pieces: int,
+    backward,
+    model: nn.Module | None = None,
+    proceed=None,
 ):
     """Loss and parameter gradients of the whole batch, encoded in `pieces` micro-batches.
 
     forward(micro_batch) -> outputs dict (embeddings (b, d), "text_negatives" (b, k, d),
     "caption" (nll_sum, tokens), "logit_scale" ()); compute_loss(outputs) -> (loss, parts) on
     the merged outputs; backward(surrogate) is called once per micro-batch (e.g.
-    engine.backward without gradient-accumulation scaling). Returns (loss, parts), detached.
+    engine.backward without gradient-accumulation scaling). proceed(loss) -> bool, if given,
+    may decline the backward passes (e.g. a non-finite loss). Returns (loss, parts), detached.
     """
     micro = split_batch(batch, pieces)
     states, cached = [], []
@@ -130,6 +137,9 @@ def grad_cache_step(
 
     leaves = [_leaves(out) for out in cached]
     loss, parts = compute_loss(merge_outputs(leaves))
+    if proceed is not None and not proceed(loss):
+        after.restore()
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}
     keyed = {(i, name): leaf for i, out in enumerate(leaves) for name, leaf in _flat(out)}
     grads = dict(zip(keyed, torch.autograd.grad(loss, list(keyed.values()), allow_unused=True), strict=True))
 

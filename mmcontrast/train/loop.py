@@ -26,6 +26,7 @@ from mmcontrast.train.checkpoint import (
 )
 from mmcontrast.train.engine import PRECISION_DTYPES, build_engine, init_distributed
 from mmcontrast.train.grad_cache import grad_cache_step
+from mmcontrast.train.guard import BufferSnapshot, InjectedFault, NonFiniteCounter, StepAgreement
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
 from mmcontrast.train.preemption import StopRequest, clear_marker, write_marker
 from mmcontrast.train.resume import check_resume, write_run_config
@@ -62,28 +63,50 @@ def objective_loss(objective, outputs: dict, present: dict, teacher_outputs=None
     return loss, {**parts, "logit_scale": scale.detach()}
 
 
-def train_step(engine, objective, batch: dict, micro_batches: int, teacher=None):
-    """One optimizer step on the batch; several micro-batches go through GradCache."""
+def train_step(
+    engine, objective, batch: dict, micro_batches: int, teacher=None, proceed=None, loss_hook=None
+):
+    """One optimizer step on the batch; several micro-batches go through GradCache.
+
+    proceed(loss) -> bool is called once the loss is known, before any backward (a collective:
+    the guard and stop flag); False skips backward and step. loss_hook(loss) -> loss is a test
+    hook. Returns (loss, parts, applied): applied is False when the step changed no weight (a
+    declined or non-finite loss, or gradients DeepSpeed's optimizer found non-finite).
+    """
     teacher_outputs = teacher(batch) if teacher is not None else None  # eval mode: draws no RNG
-    if micro_batches == 1:
-        outputs = engine(batch, **objective.forward_kwargs)
+    declined = False
+
+    def compute_loss(outputs):
         loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs)
+        return (loss_hook(loss) if loss_hook is not None else loss), parts
+
+    def go_on(loss) -> bool:
+        nonlocal declined
+        declined = proceed is not None and not proceed(loss)
+        return not declined
+
+    if micro_batches == 1:
+        loss, parts = compute_loss(engine(batch, **objective.forward_kwargs))
+        if not go_on(loss):
+            return loss.detach(), parts, False
         engine.backward(loss)
         engine.step()
-        return loss, parts
+        return loss.detach(), parts, engine.was_step_applied()
 
     def backward(surrogate):
         engine.backward(surrogate, scale_wrt_gas=False)  # a sum over micro-batches, not a mean
         engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
 
-    return grad_cache_step(
+    loss, parts = grad_cache_step(
         lambda piece: engine(piece, **objective.forward_kwargs),
-        lambda outputs: objective_loss(objective, outputs, batch["present"], teacher_outputs),
+        compute_loss,
         batch,
         micro_batches,
         backward,
         model=engine.module,
+        proceed=go_on,
     )
+    return loss, parts, not declined and engine.was_step_applied()
 
 
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -151,8 +174,8 @@ def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
 def train(cfg: Config, resume: bool | str = False) -> dict:
     """Train a run. resume: False, True (the latest checkpoint must exist) or "if_exists"."""
     # ---- set-up
-    rank, world, local_rank = init_distributed()
-    stop = StopRequest(torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu"))
+    rank, world, _ = init_distributed()
+    stop = StopRequest()
     try:
         return _train(cfg, resume, rank, world, stop)
     finally:
@@ -192,7 +215,8 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         state = load_checkpoint(engine, run_dir, resume_tag)
         log.info("resumed from %s at step %d", resume_tag, state["step"])
     if rank == 0 and resume:  # records logged after that checkpoint (or any, without one) were lost
-        drop_records_after(run_dir, state["step"] if state else 0)
+        resumed_at = state["step"] if state else 0
+        drop_records_after(run_dir, resumed_at, evaluations_at_step=resumed_at >= cfg.train.steps)
     step = state["step"] if state else 0
     teacher = None
     if objective.teacher_decay is not None:  # e.g. degla: an EMA copy of the model, checkpointed
@@ -225,14 +249,39 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         dynamic_ncols=True,
     )
     samples_seen, clock = 0, time.time()
+    nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
+    if state and "nonfinite" in state:
+        nonfinite.load_state_dict(state["nonfinite"])
+    last_checkpoint = step
+    fault = InjectedFault.from_env(rank)
+    buffers = BufferSnapshot(engine.module)
+    agreement = StepAgreement(stop)  # a non-finite loss or a stop signal on any rank
 
     # ---- loop
     while step < cfg.train.steps:
         batch = to_device(next(batches), engine.device, float_dtype)
-        loss, parts = train_step(engine, objective, batch, cfg.train.accumulation, teacher)
-        if teacher is not None:
-            teacher.update(engine.module)
+        buffers.save()
+        loss, parts, applied = train_step(
+            engine,
+            objective,
+            batch,
+            cfg.train.accumulation,
+            teacher,
+            proceed=agreement,
+            loss_hook=lambda loss, s=step + 1: fault(loss, s),
+        )
         step += 1
+        if not applied:
+            buffers.restore()
+        nonfinite.record(
+            step,
+            applied,
+            batch["__key__"],
+            "non-finite loss" if agreement.nonfinite else "non-finite gradients",
+            last_checkpoint,
+        )
+        if teacher is not None and applied:
+            teacher.update(engine.module)
         samples_seen += len(batch["__key__"])
         bar.update(1)
 
@@ -248,6 +297,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                     **values,
                     "lr": engine.get_lr()[0],
                     "samples_per_s": rate,
+                    "nonfinite_steps": nonfinite.total,
                     **{f"skipped/{k}": v for k, v in skipped.items()},
                 }
             )
@@ -262,16 +312,17 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             metrics.log({"step": step, **{f"val/{k}": v for k, v in evaluation.items()}})
 
         due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-        stopping = stop.agreed()  # SIGUSR1/SIGTERM on any rank: checkpoint now and leave
+        stopping = agreement.stopping  # SIGUSR1/SIGTERM/SIGINT on any rank: checkpoint now and leave
         if due or stopping or step == cfg.train.steps:
             save_checkpoint(
                 engine,
                 run_dir,
                 step,
-                {"data": loader.state_dict()},
+                {"data": loader.state_dict(), "nonfinite": nonfinite.state_dict()},
                 cfg.train.keep_checkpoints,
                 weights_files={"teacher": teacher.state_dict()} if teacher is not None else None,
             )
+            last_checkpoint = step
         if stopping and step < cfg.train.steps:
             if rank == 0:
                 write_marker(run_dir, step, stop.signal)

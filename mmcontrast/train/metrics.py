@@ -20,8 +20,11 @@ def _plain(value):
     return value
 
 
-def drop_records_after(run_dir, step: int) -> None:
+def drop_records_after(run_dir, step: int, evaluations_at_step: bool = False) -> None:
     """Rewrite metrics.jsonl without records past `step` (a resumed run logs them again).
+
+    evaluations_at_step: also drop evaluation (`val/...`) records of `step` itself: the final
+    evaluation follows the final checkpoint, so a run resumed from that checkpoint repeats it.
 
     A last line cut short by a kill is dropped with a warning naming the file; a damaged line
     before the last is an error naming the file and line, since records would be lost.
@@ -39,7 +42,9 @@ def drop_records_after(run_dir, step: int) -> None:
                 raise ValueError(f"{path} line {number} is not a JSON record; repair or remove it") from None
             log.warning("%s: dropping its damaged last line (a write cut short): %r", path, line[:80])
             continue
-        if record.get("step", 0) <= step:
+        at = record.get("step", 0)
+        evaluation = any(key.startswith("val/") for key in record)
+        if at < step or (at == step and not (evaluations_at_step and evaluation)):
             kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))

@@ -2,8 +2,8 @@
 
 SLURM sends SIGUSR1 before the time limit (`#SBATCH --signal`) and SIGTERM on preemption or
 cancel; Ctrl-C sends SIGINT (a second one stops at once). Ranks may see a signal at different
-steps, so they agree through a one-element all-reduce each step; every rank then stops after the
-same step. Data-loader workers ignore these signals (pipeline.workers_ignore_stop_signals).
+steps, so they agree through the all-reduce each step makes anyway (guard.agree_on_step, with the
+loss check); every rank then stops after the same step. Data-loader workers ignore these signals (pipeline.workers_ignore_stop_signals).
 """
 
 from __future__ import annotations
@@ -14,9 +14,6 @@ import os
 import signal
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
 log = logging.getLogger("mmcontrast.train")
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -26,8 +23,7 @@ MARKER = "preempted.json"  # in the run dir while the run stopped early and can 
 class StopRequest:
     """Installs the handlers on creation; `close()` restores the previous ones."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self):
         self.signal: int | None = None
         self._pid = os.getpid()  # forked data-loader workers inherit the handler: they ignore it
         self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
@@ -44,12 +40,6 @@ class StopRequest:
                 signal.Signals(signum).name,
             )
         self.signal = signum
-
-    def agreed(self) -> bool:
-        """Collective: True on every rank when any rank has received a stop signal."""
-        flag = torch.tensor([0 if self.signal is None else 1], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

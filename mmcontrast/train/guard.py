@@ -1,0 +1,168 @@
+"""Numeric guard: a step whose loss or gradients are not finite changes no weight.
+
+Two checks, both agreed by every rank, so all ranks skip the same steps:
+- the loss, before backward: one all-reduce per step that also carries the stop flag
+  (preemption.StopRequest), so the guard adds no collective of its own;
+- the gradients, at the optimizer step: DeepSpeed's bf16 and ZeRO optimizers already detect a
+  non-finite gradient norm and skip their step (`engine.was_step_applied()`); the plain fp32
+  stage-0 path steps a torch optimizer that would not, so it gets `FiniteGuardedAdamW`.
+A skipped step also leaves the buffers (BatchNorm statistics) as they were (`BufferSnapshot`).
+Skipped steps are counted (`nonfinite_steps`), the batch's sample keys are logged, and after
+`train.max_nonfinite_steps` in a row the run stops with `NonFiniteError`, writing no checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("mmcontrast.train")
+
+# Test hook: "loss:3,4,5" or "grad:7@1" makes the loss (or only its gradient) NaN at those steps,
+# on every rank or only on the one after "@".
+FAULT_ENV = "MMCONTRAST_TEST_NONFINITE"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the run stopped without a checkpoint of that state."""
+
+
+class FiniteGuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its step when a gradient is not finite, reporting it as DeepSpeed's own
+    optimizers do (`overflow`), so the engine counts the skip and holds the LR schedule back.
+
+    Stage-0 gradients are all-reduced before the step, so every rank decides alike.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []
+        self.overflow = bool(norms) and not bool(torch.stack(norms).isfinite().all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+class BufferSnapshot:
+    """The module's buffers (BatchNorm statistics) before a step: a skipped step's forward must
+    not leave its statistics behind, which a NaN input would make NaN for good. Copies on the
+    buffers' device, no host synchronisation."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.buffers = list(module.buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    def save(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore(self) -> None:
+        if self.buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self.buffers, self.saved)
+
+
+def agree_on_step(loss: torch.Tensor, stop_signal: int | None) -> tuple[bool, bool]:
+    """Collective, one all-reduce on the loss's device: (non-finite loss on some rank, stop
+    signal on some rank)."""
+    local = torch.stack(
+        [
+            (~torch.isfinite(loss.detach())).any().to(torch.int32),
+            torch.tensor(int(stop_signal is not None), dtype=torch.int32, device=loss.device),
+        ]
+    )
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    nonfinite, stopping = local.tolist()
+    return bool(nonfinite), bool(stopping)
+
+
+class StepAgreement:
+    """`proceed(loss)` for train_step: the step's one all-reduce, remembered for the loop."""
+
+    def __init__(self, stop):
+        self.stop = stop  # preemption.StopRequest
+        self.nonfinite = self.stopping = False
+
+    def __call__(self, loss: torch.Tensor) -> bool:
+        self.nonfinite, self.stopping = agree_on_step(loss, self.stop.signal)
+        return not self.nonfinite
+
+
+class NonFiniteCounter:
+    """Counts skipped steps; raises NonFiniteError after `limit` in a row. Checkpointed."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.total = 0
+        self.in_a_row = 0
+
+    def record(self, step: int, applied: bool, keys: list[str], reason: str, last_checkpoint: int) -> None:
+        if applied:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        shown = ", ".join(keys[:16]) + (f" (+{len(keys) - 16} more)" if len(keys) > 16 else "")
+        log.warning(
+            "step %d: %s on some rank; skipped the optimizer step on every rank (%d in a row, "
+            "%d in total). This rank's batch keys: %s",
+            step,
+            reason,
+            self.in_a_row,
+            self.total,
+            shown,
+        )
+        if self.in_a_row >= self.limit:
+            raise NonFiniteError(
+                f"{self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1}-{step}, "
+                f"train.max_nonfinite_steps={self.limit}); stopped without writing a checkpoint. The "
+                f"last checkpoint (step {last_checkpoint}) is intact; the skipped batches' sample keys "
+                "are in the log above"
+            )
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total, self.in_a_row = int(state["total"]), int(state["in_a_row"])
+
+
+class _NanGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class InjectedFault:
+    """The FAULT_ENV test hook; inactive unless the variable is set."""
+
+    def __init__(self, spec: str, rank: int):
+        self.kind, self.steps, self.active = "", set(), False
+        if not spec:
+            return
+        kind, _, rest = spec.partition(":")
+        steps, _, only_rank = rest.partition("@")
+        if kind not in ("loss", "grad") or not steps:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: expected loss:STEPS[@RANK] or grad:STEPS[@RANK]")
+        self.kind, self.steps = kind, {int(s) for s in steps.split(",")}
+        self.active = not only_rank or int(only_rank) == rank
+        log.warning("%s=%s: a test hook makes steps %s non-finite", FAULT_ENV, spec, sorted(self.steps))
+
+    @classmethod
+    def from_env(cls, rank: int) -> InjectedFault:
+        return cls(os.environ.get(FAULT_ENV, ""), rank)
+
+    def __call__(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if not self.active or step not in self.steps:
+            return loss
+        return loss * float("nan") if self.kind == "loss" else _NanGradient.apply(loss)

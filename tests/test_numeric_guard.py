@@ -1,0 +1,185 @@
+"""The numeric guard: a non-finite loss or gradient on any rank skips that optimizer step on every
+rank, is counted and logged with the batch's keys, and too many in a row stop the run without a
+checkpoint of that state."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmcontrast.train.guard import (
+    FAULT_ENV,
+    FiniteGuardedAdamW,
+    InjectedFault,
+    NonFiniteCounter,
+    NonFiniteError,
+    agree_on_step,
+)
+from mmcontrast.train.metrics import drop_records_after
+from tests.distributed import run_ranks
+
+
+def _agree(rank, world, losses):
+    return agree_on_step(torch.tensor(losses[rank]), None)
+
+
+@pytest.mark.parametrize(
+    ("losses", "expected"),
+    [([1.0, 2.0], False), ([1.0, float("nan")], True), ([float("-inf"), 2.0], True)],
+)
+def test_every_rank_learns_of_a_non_finite_loss_on_any_rank(losses, expected):
+    assert run_ranks(2, _agree, losses) == [(expected, False), (expected, False)]
+
+
+def test_guarded_adamw_skips_a_step_with_non_finite_gradients():
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = FiniteGuardedAdamW([weight], lr=0.1)
+    weight.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert opt.overflow and torch.equal(weight.data, torch.ones(3)) and not opt.state
+    weight.grad = torch.tensor([1.0, 1.0, 0.0])
+    opt.step()
+    assert not opt.overflow and weight.data[0] < 1 and opt.state[weight]["step"] == 1
+
+
+def test_counter_resets_on_a_good_step_and_stops_after_the_limit(caplog):
+    counter = NonFiniteCounter(limit=3)
+    counter.record(1, False, ["a", "b"], "non-finite loss", last_checkpoint=0)
+    counter.record(2, True, ["c"], "", last_checkpoint=0)
+    assert counter.state_dict() == {"total": 1, "in_a_row": 0}
+    assert "batch keys: a, b" in caplog.text
+    counter.record(3, False, ["d"], "non-finite gradients", last_checkpoint=2)
+    counter.record(4, False, ["e"], "non-finite gradients", last_checkpoint=2)
+    with pytest.raises(
+        NonFiniteError, match=r"3 non-finite steps in a row \(steps 3-5.*checkpoint \(step 2\)"
+    ):
+        counter.record(5, False, ["f"], "non-finite gradients", last_checkpoint=2)
+    restored = NonFiniteCounter(limit=3)
+    restored.load_state_dict(counter.state_dict())
+    assert restored.state_dict() == {"total": 4, "in_a_row": 3}
+
+
+def test_injected_fault_spec():
+    loss = torch.tensor(2.0, requires_grad=True)
+    only_rank_1 = InjectedFault("loss:3,4@1", rank=0)
+    assert only_rank_1(loss, 3) is loss
+    on_rank_1 = InjectedFault("loss:3,4@1", rank=1)
+    assert on_rank_1(loss, 4).isnan() and on_rank_1(loss, 5) is loss
+    grad_fault = InjectedFault("grad:2", rank=0)(loss, 2)
+    assert grad_fault.item() == 2.0
+    grad_fault.backward()
+    assert loss.grad.isnan()
+    with pytest.raises(ValueError, match=FAULT_ENV):
+        InjectedFault("nan:3", rank=0)
+
+
+def test_a_resume_from_the_final_checkpoint_drops_the_final_evaluation(tmp_path):
+    records = [
+        {"step": 4, "loss": 1.0},
+        {"step": 4, "val/x/top1": 0.5},  # in-training evaluation, before the step-4 checkpoint
+        {"step": 6, "loss": 0.9},
+        {"step": 6, "val/x/top1": 0.7},  # the final evaluation, after the final checkpoint
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drop_records_after(tmp_path, 6, evaluations_at_step=True)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == records[:3]
+    drop_records_after(tmp_path, 4)
+    kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == records[:2]
+
+
+# ---------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from mmcontrast.data.demo import write_demo_world
+
+    world = write_demo_world(
+        tmp_path_factory.mktemp("world"), n_train=128, n_val=0, seed=1, samples_per_shard=16
+    )
+    return world["urls"]["train"]
+
+
+def _train(repo_root, shards, run, *extra, fault="", ranks=1):
+    from tests.test_train_e2e import TINY
+
+    args = [
+        str(repo_root / "configs/demo.yaml"),
+        *TINY,
+        f"data.train={shards}",
+        "eval.benchmarks=[]",
+        "data.workers=1",
+        f"run.dir={run}",
+        *extra,
+    ]
+    env = {**os.environ, FAULT_ENV: fault}
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "mmcontrast.cli", "train", *args]
+    else:
+        env.update(
+            NNODES="1",
+            NPROC_PER_NODE=str(ranks),
+            MASTER_PORT=str(29000 + os.getpid() % 400),
+            PYTHON=sys.executable,
+        )
+        cmd = ["bash", str(repo_root / "launch/torchrun.sh"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _weights(run, step):
+    return load_file(str(run / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fault", "ranks", "extra"),
+    [
+        ("grad:3,4", 1, []),  # fp32 stage 0: FiniteGuardedAdamW
+        ("grad:3,4", 1, ["train.precision=bf16", "train.zero_stage=1"]),  # DeepSpeed's own check
+        ("loss:3,4@1", 2, ["train.zero_stage=2"]),  # only rank 1's loss: both ranks skip
+        ("loss:3,4", 1, ["train.accumulation=2"]),  # GradCache declines its backward passes
+    ],
+    ids=["grad-fp32-stage0", "grad-bf16-zero1", "loss-one-rank-of-two-zero2", "loss-gradcache"],
+)
+def test_non_finite_steps_change_no_weight_and_are_counted(repo_root, shards, tmp_path, fault, ranks, extra):
+    run = tmp_path / "run"
+    steps = ["train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+    done = _train(repo_root, shards, run, *steps, *extra, fault=fault, ranks=ranks)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped the optimizer step on every rank" in done.stderr and "batch keys: " in done.stderr
+    before, after, last = _weights(run, 2), _weights(run, 4), _weights(run, 6)
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed weights"
+    assert any(not torch.equal(after[k], last[k]) for k in after), "steps 5-6 should train again"
+    assert all(v.isfinite().all() for v in last.values())
+    counts = {r["step"]: r["nonfinite_steps"] for r in _records(run) if "loss" in r}
+    assert counts == {1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 2}
+
+
+@pytest.mark.slow
+def test_too_many_in_a_row_stop_and_leave_the_last_good_checkpoint(repo_root, shards, tmp_path):
+    run = tmp_path / "run"
+    steps = ["train.steps=10", "train.checkpoint_every=4", "train.max_nonfinite_steps=3"]
+    stopped = _train(repo_root, shards, run, *steps, fault="loss:5,6,7,8,9,10")
+    assert stopped.returncode == 1
+    assert "3 non-finite steps in a row (steps 5-7" in stopped.stderr
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000004"]
+    assert (checkpoints / "latest").read_text().strip() == "step_0000004"
+    assert max(r["step"] for r in _records(run)) == 6  # the stopping step is not logged
+    # the checkpoint is intact (its manifest verifies) and a resume without the fault finishes
+    resumed = _train(repo_root, shards, run, *steps, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step_0000004 at step 4" in resumed.stderr
+    records = [r for r in _records(run) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert records[-1]["nonfinite_steps"] == 0
