@@ -11,14 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmcontrast.train.guard import (
-    FAULT_ENV,
-    FiniteGuardedAdamW,
-    InjectedFault,
-    NonFiniteCounter,
-    NonFiniteError,
-    agree_on_step,
-)
+from mmcontrast.faults import NONFINITE_ENV, InjectedFault
+from mmcontrast.train.guard import FiniteGuardedAdamW, NonFiniteCounter, NonFiniteError, agree_on_step
 from mmcontrast.train.metrics import drop_records_after
 from tests.distributed import run_ranks
 
@@ -73,7 +67,7 @@ def test_injected_fault_spec():
     assert grad_fault.item() == 2.0
     grad_fault.backward()
     assert loss.grad.isnan()
-    with pytest.raises(ValueError, match=FAULT_ENV):
+    with pytest.raises(ValueError, match=NONFINITE_ENV):
         InjectedFault("nan:3", rank=0)
 
 
@@ -118,7 +112,7 @@ def _train(repo_root, shards, run, *extra, fault="", ranks=1):
         f"run.dir={run}",
         *extra,
     ]
-    env = {**os.environ, FAULT_ENV: fault}
+    env = {**os.environ, NONFINITE_ENV: fault}
     if ranks == 1:
         cmd = [sys.executable, "-m", "mmcontrast.cli", "train", *args]
     else:

@@ -45,11 +45,13 @@ event index), so they replay too.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -616,6 +618,19 @@ def workers_ignore_stop_signals(worker_id: int) -> None:
     """
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing terminates daemonic children with SIGTERM and then joins
+    them. Workers ignore SIGTERM (above), so one left running by an error (torch skips its own
+    worker shutdown once the interpreter is exiting) would hold the exit forever, and with it a
+    rank whose peer died. Registered after multiprocessing's handler, so it runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def _identity(x: Any) -> Any:

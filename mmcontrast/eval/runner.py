@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmcontrast import faults
 from mmcontrast.config import MODALITIES
 from mmcontrast.eval import tasks
 from mmcontrast.eval.benchmark import Benchmark, BenchmarkError, Decoder, decoded_share, detect_modalities
@@ -323,6 +324,7 @@ def evaluate_benchmarks(
                     model, bench, decoder, batch_size=batch_size, workers=workers, caption_fn=caption_fn
                 )
                 metrics.update({f"{bench.name}/{k}": v for k, v in values.items()})
+                faults.kill_point("eval")
             return metrics
     finally:
         model.train(was_training)

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
+from mmcontrast import faults
+
 log = logging.getLogger("mmcontrast.train")
 
 
@@ -105,6 +107,7 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rank = dist.get_rank()
     torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
+    faults.kill_point("checkpoint")
     # Gathering ZeRO partitions and master weights is collective: every rank takes part then;
     # otherwise only rank 0 needs the full copy it writes.
     collective = engine.zero_optimization_stage() == 3 or _trains_master_weights(engine)

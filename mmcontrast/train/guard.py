@@ -14,16 +14,11 @@ Skipped steps are counted (`nonfinite_steps`), the batch's sample keys are logge
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("mmcontrast.train")
-
-# Test hook: "loss:3,4,5" or "grad:7@1" makes the loss (or only its gradient) NaN at those steps,
-# on every rank or only on the one after "@".
-FAULT_ENV = "MMCONTRAST_TEST_NONFINITE"
 
 
 class NonFiniteError(RuntimeError):
@@ -131,38 +126,3 @@ class NonFiniteCounter:
 
     def load_state_dict(self, state: dict) -> None:
         self.total, self.in_a_row = int(state["total"]), int(state["in_a_row"])
-
-
-class _NanGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("nan")
-
-
-class InjectedFault:
-    """The FAULT_ENV test hook; inactive unless the variable is set."""
-
-    def __init__(self, spec: str, rank: int):
-        self.kind, self.steps, self.active = "", set(), False
-        if not spec:
-            return
-        kind, _, rest = spec.partition(":")
-        steps, _, only_rank = rest.partition("@")
-        if kind not in ("loss", "grad") or not steps:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: expected loss:STEPS[@RANK] or grad:STEPS[@RANK]")
-        self.kind, self.steps = kind, {int(s) for s in steps.split(",")}
-        self.active = not only_rank or int(only_rank) == rank
-        log.warning("%s=%s: a test hook makes steps %s non-finite", FAULT_ENV, spec, sorted(self.steps))
-
-    @classmethod
-    def from_env(cls, rank: int) -> InjectedFault:
-        return cls(os.environ.get(FAULT_ENV, ""), rank)
-
-    def __call__(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        if not self.active or step not in self.steps:
-            return loss
-        return loss * float("nan") if self.kind == "loss" else _NanGradient.apply(loss)

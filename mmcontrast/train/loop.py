@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mmcontrast import faults
 from mmcontrast.config import Config
 from mmcontrast.data.pipeline import check_shard_urls, make_loader
 from mmcontrast.losses import Objective
@@ -26,7 +27,7 @@ from mmcontrast.train.checkpoint import (
 )
 from mmcontrast.train.engine import PRECISION_DTYPES, build_engine, init_distributed
 from mmcontrast.train.grad_cache import grad_cache_step
-from mmcontrast.train.guard import BufferSnapshot, InjectedFault, NonFiniteCounter, StepAgreement
+from mmcontrast.train.guard import BufferSnapshot, NonFiniteCounter, StepAgreement
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
 from mmcontrast.train.preemption import StopRequest, clear_marker, write_marker
 from mmcontrast.train.resume import check_resume, write_run_config
@@ -253,7 +254,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     if state and "nonfinite" in state:
         nonfinite.load_state_dict(state["nonfinite"])
     last_checkpoint = step
-    fault = InjectedFault.from_env(rank)
+    fault = faults.InjectedFault.from_env(rank)  # test hooks, inactive without their variables
     buffers = BufferSnapshot(engine.module)
     agreement = StepAgreement(stop)  # a non-finite loss or a stop signal on any rank
 
@@ -261,6 +262,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     while step < cfg.train.steps:
         batch = to_device(next(batches), engine.device, float_dtype)
         buffers.save()
+        faults.set_step(step + 1)
         loss, parts, applied = train_step(
             engine,
             objective,
@@ -282,6 +284,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         )
         if teacher is not None and applied:
             teacher.update(engine.module)
+        faults.kill_point("step")
         samples_seen += len(batch["__key__"])
         bar.update(1)
 
