@@ -184,6 +184,7 @@ def main(argv=None) -> None:
     from mmcontrast.config import ConfigError
     from mmcontrast.eval.benchmark import BenchmarkError
     from mmcontrast.export import ExportError
+    from mmcontrast.train.checkpoint import CheckpointWriteError
     from mmcontrast.train.guard import NonFiniteError
     from mmcontrast.train.resume import ResumeError
 
@@ -199,7 +200,14 @@ def main(argv=None) -> None:
     except ResumeError as exc:
         print(f"mmcontrast: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (BenchmarkError, ExportError, NonFiniteError, FileNotFoundError, ValueError) as exc:
+    except (
+        BenchmarkError,
+        CheckpointWriteError,
+        ExportError,
+        NonFiniteError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
         print(f"mmcontrast: {exc}", file=sys.stderr)
         sys.exit(1)
 

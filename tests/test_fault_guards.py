@@ -339,3 +339,42 @@ def test_ctrl_c_and_sigterm_to_the_process_group_checkpoint_and_resume_exactly(r
         resumed = _train_losses(run)
         assert sorted(resumed) == list(range(1, 21))
         assert all(resumed[s]["loss"] == reference[s]["loss"] for s in resumed), signum.name
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_previous_one(repo_root, tmp_path):
+    """The checkpoints folder is a 150 MiB tmpfs: the step-2 checkpoint (~101 MiB) fits, step 4's
+    does not. torch's writer alone would say `basic_ios::clear: iostream error`."""
+    import subprocess
+    import sys
+
+    from mmcontrast.data.demo import write_demo_world
+    from tests.test_train_e2e import TINY
+
+    world = write_demo_world(tmp_path / "world", n_train=64, n_val=0, seed=1, samples_per_shard=16)
+    run = tmp_path / "run"
+    mount = run / "checkpoints"
+    mount.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(mount)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        base = [*TINY, f"data.train={world['urls']['train']}", "eval.benchmarks=[]", "data.workers=1"]
+        base += [f"run.dir={run}", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2"]
+        cmd = [sys.executable, "-m", "mmcontrast.cli", "train", str(repo_root / "configs/demo.yaml"), *base]
+        full = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert full.returncode == 1, full.stderr[-3000:]
+        assert f"writing checkpoint step_0000004 in {mount} failed" in full.stderr
+        assert "No space left on device" in full.stderr
+        assert sorted(p.name for p in mount.iterdir()) == ["latest", "step_0000002"]  # no partial folder
+        assert (mount / "latest").read_text().strip() == "step_0000002"
+        # with room again, --resume continues from the intact checkpoint
+        subprocess.run(["mount", "-o", "remount,size=400m", str(mount)], check=True)
+        resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from step_0000002 at step 2" in resumed.stderr
+        assert (mount / "latest").read_text().strip() == "step_0000004"
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -96,14 +96,60 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the message says why and where."""
+
+
+def describe_write_failure(folder: Path, exc: BaseException) -> str:
+    """What went wrong writing `folder`, for people: torch's writer reports a full disk as
+    `basic_ios::clear: iostream error`, so a test write and the free space say what it was."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0]
+    message = f"writing checkpoint {folder.name} in {folder.parent} failed: {reason}."
+    probe = folder.parent / f".write-test-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * (1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as probe_error:
+        message += f" A 1 MiB test write there fails too: {probe_error.strerror or probe_error}."
+    finally:
+        probe.unlink(missing_ok=True)
+    try:
+        message += f" {shutil.disk_usage(folder.parent).free / 2**20:.1f} MiB are free on that filesystem."
+    except OSError:
+        pass
+    return message
+
+
 def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, weights_files=None) -> str:
     """Collective: every rank calls it. Returns the tag written.
 
     weights_files: {name: state dict} rank 0 also writes as <tag>/<name>.safetensors (e.g. the
-    EMA teacher), before `latest` moves, so a resumed run finds them with the rest.
+    EMA teacher), before `latest` moves, so a resumed run finds them with the rest. A failed
+    write (disk full, I/O error) raises CheckpointWriteError saying why and where, after
+    removing the partial folder; `latest` still names the previous checkpoint. The other ranks
+    then fail in their next collective.
     """
     root = checkpoint_root(run_dir)
     tag = f"step_{step:07d}"
+    try:
+        _write_checkpoint(engine, root, tag, step, rank_state, weights_files)
+    except Exception as exc:
+        message = describe_write_failure(root / tag, exc)
+        shutil.rmtree(root / tag, ignore_errors=True)  # never resumed from (no `latest`); frees its space
+        log.error("%s The partial folder was removed; `latest` still names the previous checkpoint.", message)
+        raise CheckpointWriteError(message) from exc
+    if dist.get_rank() == 0:
+        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+        for old in tags[:-keep]:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def _write_checkpoint(engine, root: Path, tag: str, step: int, rank_state: dict, weights_files) -> None:
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     rank = dist.get_rank()
     torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
@@ -122,12 +168,6 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
     write_manifest(root / tag)  # checksums of the complete checkpoint, before `latest` moves
     if rank == 0:
         _write_atomic(root / "latest", tag)
-        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
-            if old != tag:
-                shutil.rmtree(root / old, ignore_errors=True)
-    dist.barrier()
-    return tag
 
 
 MANIFEST = "manifest.json"
