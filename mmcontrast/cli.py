@@ -30,6 +30,14 @@ def _cmd_data_benchmark(args) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_data_index(args) -> None:
+    from mmcontrast.data.pipeline import expand_sources
+    from mmcontrast.data.shard_index import index_shards
+
+    urls = [url for source in expand_sources(args.data) for url in source]
+    print(json.dumps(index_shards(urls, args.out), indent=2))
+
+
 def _cmd_negatives(args) -> None:
     from mmcontrast.data.negatives import write_negative_shards
 
@@ -116,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--classnames", help="classification: a file with one class name per line")
     bench.add_argument("--templates", help="classification: one template per line, {c} marks the class")
     bench.set_defaults(func=_cmd_data_benchmark)
+    index = data.add_parser(
+        "index", help="index local shards (each sample's byte range) for resumes that read no consumed shard"
+    )
+    index.add_argument("data", help="shard URLs, as data.train")
+    index.add_argument("--out", required=True, help="index folder: give it to training as data.index_dir")
+    index.set_defaults(func=_cmd_data_index)
 
     negs = sub.add_parser("negatives", help="copy shards, adding a neg.json list of hard-negative captions")
     negs.add_argument("--data", required=True, help="input shard URLs")

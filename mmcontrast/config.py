@@ -39,6 +39,9 @@ class DataConfig:
     train_weights: list[float] = field(default_factory=list)  # one weight per "::" source
     resampled: bool = False
     shuffle_buffer: int = 1000
+    # shard index for a resume that reads no consumed shard; "": RUN_DIR/shard_index, filled as
+    # shards are read (or written beforehand by `mmcontrast data index URLS --out DIR`)
+    index_dir: str = ""
     batch_size: int = 64
     workers: int = 2
     # modality -> ";"-separated shard fields tried in order; text also takes JSON keys

@@ -12,7 +12,7 @@ import webdataset as wds
 
 from mmcontrast.config import load_config
 from mmcontrast.data.audio import AudioDecodeError, decode_audio
-from mmcontrast.data.pipeline import _tar_events
+from mmcontrast.data.tar_events import tar_events
 from mmcontrast.export import ExportError, export_run, load_exported
 from tests.export_helpers import DEMO_CONFIG, make_run_dir
 
@@ -74,7 +74,7 @@ def test_repeated_keys_in_a_shard_are_counted_skips(tmp_path):
             ("d.txt", b"dee"),
         ],
     )
-    events = list(_tar_events(str(path)))
+    events = list(tar_events(str(path)))
     samples = [e["__key__"] for e in events if isinstance(e, dict)]
     skips = [(e.reason, e.key) for e in events if not isinstance(e, dict)]
     assert samples == ["b", "c", "d"]

@@ -155,7 +155,8 @@ def benchmark_from_shards(
     or a list). A sample without media, label or caption is skipped and counted in the summary.
     """
     from mmcontrast.data.fields import captions_from_sample, parse_field_spec
-    from mmcontrast.data.pipeline import _tar_events, expand_sources
+    from mmcontrast.data.pipeline import expand_sources
+    from mmcontrast.data.tar_events import tar_events
 
     if task not in ("classification", "retrieval"):
         raise ValueError(f"--task must be classification or retrieval, got {task!r}")
@@ -172,7 +173,7 @@ def benchmark_from_shards(
 
     def samples():
         for url in urls_flat:
-            for raw in _tar_events(url):
+            for raw in tar_events(url):
                 if not isinstance(raw, dict):
                     skipped[raw.reason] += 1
                     continue

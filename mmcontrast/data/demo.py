@@ -240,10 +240,10 @@ def write_demo_benchmarks(out_dir: str | Path, val_shards: list[Path]) -> dict[s
     composition (one hard negative per SugarCrepe-style category) and captioning."""
     from mmcontrast.data.benchmark import write_benchmark
     from mmcontrast.data.negatives import demo_negatives, sample_rng
-    from mmcontrast.data.pipeline import _tar_events
+    from mmcontrast.data.tar_events import tar_events
 
     out = Path(out_dir)
-    samples = [s for path in val_shards for s in _tar_events(str(path))]  # the shards just written
+    samples = [s for path in val_shards for s in tar_events(str(path))]  # the shards just written
     metas = [json.loads(s["json"]) for s in samples]
 
     def classes():

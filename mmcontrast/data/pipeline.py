@@ -39,7 +39,9 @@ which roles are done. DataLoader(batch_size=None) hands out items round robin ov
 worker order, so the output order is fixed. `state_dict()` records offsets, done roles and the role
 due next; a loader built with `position=` replays each role's stream up to its offset *without
 decoding*, and worker w plays role (w + next_role) % roles, so the round robin continues exactly
-where the interrupted run stopped. Random audio crops are seeded per (seed, epoch, rank, role,
+where the interrupted run stopped. With a shard index (data/shard_index.py) the replay reads no
+shard it passes over: indexed shards enter the stream as byte ranges, and only the samples still
+in the shuffle buffer at the resume point are read, by seeking. Random audio crops are seeded per (seed, epoch, rank, role,
 event index), so they replay too.
 """
 
@@ -58,37 +60,29 @@ import re
 import shlex
 import shutil
 import signal
-import tarfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
 
 from mmcontrast.config import MODALITIES, DataConfig
 from mmcontrast.data import negatives as neg
 from mmcontrast.data.audio import decode_audio
 from mmcontrast.data.fields import captions_from_sample, check_field_specs, parse_field_spec
 from mmcontrast.data.image import ImageDecodeError, ImageTooLargeError, decode_image
+from mmcontrast.data.shard_index import Ref, RefReader, indexed_events, read_entry
+from mmcontrast.data.tar_events import Skip
 
 log = logging.getLogger(__name__)
 
 POSITION_VERSION = 1
-
-
-class _Skip(NamedTuple):
-    """A stream event for something that could not become a sample."""
-
-    reason: str
-    key: str
 
 
 # ---------------------------------------------------------------- urls
@@ -220,92 +214,18 @@ def _http_status(url: str, method: str, headers: dict | None = None) -> int:
 # ---------------------------------------------------------------- raw stream
 
 
-def _tar_events(url: str) -> Iterator[dict | _Skip]:
-    """Samples (dicts of raw bytes by extension) of one shard, plus skip records.
-
-    Hand-rolled rather than webdataset's tar_file_expander + group_by_keys: on a truncated member
-    those pass the incomplete sample on as if it were whole, and do not say which one it was; and
-    a member repeated under the same key silently replaces the first (an image swapped under
-    another caption). Here a key met twice in a shard, within one sample or after others, makes
-    that sample a `duplicate_key` skip.
-    """
-    try:
-        stream = gopen(url)
-    except Exception as exc:
-        log.warning("cannot open shard %s: %s", url, exc)
-        yield _Skip("bad_shard", url)
-        return
-    group: dict | None = None
-    pending: str | None = None  # member whose header was read but not yet its data
-    truncated = False
-    seen: set[str] = set()  # sample keys of this shard so far
-    try:
-        try:
-            tf = tarfile.open(fileobj=stream, mode="r|*")
-        except Exception as exc:
-            log.warning("shard %s is not a readable tar: %s", url, exc)
-            yield _Skip("bad_shard", url)
-            return
-        try:
-            for info in tf:
-                pending = info.name
-                key, ext = base_plus_ext(info.name)
-                if not info.isreg() or key is None or os.path.basename(info.name).startswith("__"):
-                    pending = None
-                    continue
-                data = tf.extractfile(info).read()
-                pending = None
-                tf.members = []  # stream mode would otherwise keep every header of the shard
-                if group is not None and group["__key__"] != key:
-                    yield _checked(group)
-                    group = None
-                if group is None:
-                    group = {"__key__": key, "__url__": url}
-                    if key in seen:
-                        group["__duplicate__"] = True
-                    seen.add(key)
-                if ext.lower() in group:
-                    group["__duplicate__"] = True
-                group[ext.lower()] = data
-            # tarfile stops quietly when the stream ends inside a header; a real end reads a full
-            # zero block at the current offset.
-            pos = getattr(tf.fileobj, "pos", None)
-            truncated = pos is not None and pos - tf.offset < tarfile.BLOCKSIZE
-        except Exception as exc:
-            log.warning("shard %s is truncated or corrupt: %s", url, exc)
-            truncated = True
-        if truncated:
-            cut_key = base_plus_ext(pending)[0] if pending else None
-            if group is not None and cut_key is not None and cut_key != group["__key__"]:
-                yield _checked(group)  # the cut member starts a new sample; the previous one is whole
-                group = None
-            known = cut_key or (group["__key__"] if group is not None else None)
-            group = None
-            yield _Skip("truncated_tar", known or url)
-        elif group is not None:
-            yield _checked(group)
-    finally:
-        try:
-            stream.close()
-        except Exception:  # a pipe closed early exits with SIGPIPE; its data is already judged
-            pass
-
-
-def _checked(group: dict) -> dict | _Skip:
-    if group.pop("__duplicate__", False):
-        log.warning("shard %s repeats sample key %r: skipping it", group["__url__"], group["__key__"])
-        return _Skip("duplicate_key", group["__key__"])
-    return group
-
-
-def _source_events(shards: list[str]) -> Iterator[dict | _Skip]:
+def _source_events(shards: list[str], index_dir: str | None = None) -> Iterator[dict | Skip | Ref]:
+    """The events of consecutive shards. A shard with a valid index entry gives references
+    (read only when they are used: a resume fast-forwards over them without reading); the
+    others are read, and their entries written once read to the end."""
     for url in shards:
-        yield from _tar_events(url)
+        known = read_entry(index_dir, url)
+        yield from known if known is not None else indexed_events(url, index_dir)
 
 
 def _mix(
     streams: list[Iterator], weights: list[float], rng: random.Random, stop_at_first: bool
-) -> Iterator[dict | _Skip]:
+) -> Iterator[dict | Skip]:
     """Draw each next event from a source chosen with probability ~ weight."""
     active = list(range(len(streams)))
     try:
@@ -327,7 +247,7 @@ def _shuffle(events: Iterator, size: int, rng: random.Random) -> Iterator:
     """Seeded shuffle buffer; skip records pass straight through (they carry no data)."""
     buf: list = []
     for ev in events:
-        if isinstance(ev, _Skip):
+        if isinstance(ev, Skip):
             yield ev
         elif len(buf) < size:
             buf.append(ev)
@@ -368,8 +288,10 @@ class _RoleStream(IterableDataset):
         world_size: int,
         roles: int,
         batch_size: int,
+        index_dir: str | None = None,
     ):
         super().__init__()
+        self.index_dir = index_dir
         self.sources, self.weights = sources, weights
         self.modalities = [m for m in MODALITIES if m in cfg.fields]
         self.fields = {m: parse_field_spec(cfg.fields[m]) for m in self.modalities}
@@ -401,8 +323,9 @@ class _RoleStream(IterableDataset):
             _rng(self.seed, self.epoch, "shards", source).shuffle(urls)
         return urls[self.rank :: self.world_size][role :: self.roles]
 
-    def events(self, role: int) -> Iterator[dict | _Skip]:
-        streams = [_source_events(self.role_shards(s, role)) for s in range(len(self.sources))]
+    def events(self, role: int) -> Iterator[dict | Skip]:
+        shards = [self.role_shards(s, role) for s in range(len(self.sources))]
+        streams = [_source_events(urls, self.index_dir) for urls in shards]
         if len(streams) == 1:
             ev = streams[0]
         else:
@@ -575,11 +498,14 @@ class _RoleStream(IterableDataset):
             return item
 
         count = 0
+        reader = RefReader()
         for index, ev in enumerate(self.events(role)):
             count = index + 1
-            if index < start:  # replay to the resume point without decoding
+            if index < start:  # replay to the resume point without decoding (or reading, if indexed)
                 continue
-            if isinstance(ev, _Skip):
+            if isinstance(ev, Ref):
+                ev = reader.load(ev)
+            if isinstance(ev, Skip):
                 sample, reason, key = None, ev.reason, ev.key
             else:
                 sample, reason = self.decode(ev, role, index)
@@ -595,6 +521,7 @@ class _RoleStream(IterableDataset):
             if len(samples) == self.batch_size:
                 yield emit(self.collate(samples), count)
                 samples = []
+        reader.close()
         count = max(count, start)
         if samples and not self.train:  # training drops the partial batch, evaluation keeps it
             yield emit(self.collate(samples), count)
@@ -807,12 +734,15 @@ def make_loader(
     position: dict | None = None,
     batch_size: int | None = None,
     workers: int | None = None,
+    index_dir: str | None = None,
 ) -> ShardLoader:
     """Build the loader for one rank. See the module docstring for iteration and resume.
 
     urls: brace-expanded shard URLs (local paths, globs, `pipe:` commands, http...), several
     sources joined with "::" and mixed by `weights` (default cfg.train_weights for train, else
     equal). Eval loaders never resample and cap their workers at this rank's shard count.
+    index_dir (train loaders): the shard index (data/shard_index.py) read for a fast resume and
+    filled as shards are read.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -861,6 +791,7 @@ def make_loader(
         world_size=world_size,
         roles=max(1, workers),
         batch_size=batch_size,
+        index_dir=index_dir if train else None,
     )
     if position is not None and not train:
         raise ValueError("position= is for train loaders; eval loaders always make one full pass")

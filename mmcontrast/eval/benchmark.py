@@ -18,7 +18,7 @@ from mmcontrast.config import DataConfig
 from mmcontrast.data.audio import decode_audio
 from mmcontrast.data.benchmark import CLASSNAMES, DATASET_TYPE, SPLIT, TASKS, TEMPLATES, media_of
 from mmcontrast.data.image import decode_image
-from mmcontrast.data.pipeline import _tar_events
+from mmcontrast.data.tar_events import tar_events
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def _lines_of(data: bytes) -> list[str]:
 def detect_modalities(bench: Benchmark, wanted: list[str]) -> list[str]:
     """The media of the benchmark's first sample that the model can encode, in `wanted` order."""
     for url in bench.shards:
-        for raw in _tar_events(url):
+        for raw in tar_events(url):
             if isinstance(raw, dict):
                 found = media_of(raw)
                 usable = [m for m in wanted if m in found]
@@ -184,7 +184,7 @@ def decoded_share(
     for s, url in enumerate(bench.shards):
         if by_shard and s % parts != part:
             continue
-        for position, raw in enumerate(_tar_events(url)):
+        for position, raw in enumerate(tar_events(url)):
             counter += 1
             if not by_shard and (counter - 1) % parts != part:
                 continue

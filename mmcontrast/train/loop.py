@@ -237,6 +237,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         world_size=world,
         weights=cfg.data.train_weights or None,
         position=state["data"] if state else None,
+        index_dir=cfg.data.index_dir or str(run_dir / "shard_index"),
     )
     batches = iter(loader)
     if state:
