@@ -42,16 +42,17 @@ def test_guarded_adamw_skips_a_step_with_non_finite_gradients():
 
 def test_counter_resets_on_a_good_step_and_stops_after_the_limit(caplog):
     counter = NonFiniteCounter(limit=3)
-    counter.record(1, False, ["a", "b"], "non-finite loss", last_checkpoint=0)
-    counter.record(2, True, ["c"], "", last_checkpoint=0)
+    counter.record(1, False, ["a", "b"], "non-finite loss")
+    counter.record(2, True, ["c"], "")
     assert counter.state_dict() == {"total": 1, "in_a_row": 0}
     assert "batch keys: a, b" in caplog.text
-    counter.record(3, False, ["d"], "non-finite gradients", last_checkpoint=2)
-    counter.record(4, False, ["e"], "non-finite gradients", last_checkpoint=2)
+    counter.last_checkpoint = 2
+    counter.record(3, False, ["d"], "non-finite gradients")
+    counter.record(4, False, ["e"], "non-finite gradients")
     with pytest.raises(
         NonFiniteError, match=r"3 non-finite steps in a row \(steps 3-5.*checkpoint \(step 2\)"
     ):
-        counter.record(5, False, ["f"], "non-finite gradients", last_checkpoint=2)
+        counter.record(5, False, ["f"], "non-finite gradients")
     restored = NonFiniteCounter(limit=3)
     restored.load_state_dict(counter.state_dict())
     assert restored.state_dict() == {"total": 4, "in_a_row": 3}
@@ -140,10 +141,10 @@ def _records(run):
     [
         ("grad:3,4", 1, []),  # fp32 stage 0: FiniteGuardedAdamW
         ("grad:3,4", 1, ["train.precision=bf16", "train.zero_stage=1"]),  # DeepSpeed's own check
-        ("loss:3,4@1", 2, ["train.zero_stage=2"]),  # only rank 1's loss: both ranks skip
-        ("loss:3,4", 1, ["train.accumulation=2"]),  # GradCache declines its backward passes
+        # only rank 1's loss, under ZeRO-2 and GradCache: both ranks skip, declining the backward
+        ("loss:3,4@1", 2, ["train.zero_stage=2", "train.accumulation=2"]),
     ],
-    ids=["grad-fp32-stage0", "grad-bf16-zero1", "loss-one-rank-of-two-zero2", "loss-gradcache"],
+    ids=["grad-fp32-stage0", "grad-bf16-zero1", "loss-one-rank-of-two-zero2-gradcache"],
 )
 def test_non_finite_steps_change_no_weight_and_are_counted(repo_root, shards, tmp_path, fault, ranks, extra):
     run = tmp_path / "run"

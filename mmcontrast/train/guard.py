@@ -92,12 +92,13 @@ class StepAgreement:
 class NonFiniteCounter:
     """Counts skipped steps; raises NonFiniteError after `limit` in a row. Checkpointed."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, last_checkpoint: int = 0):
         self.limit = limit
         self.total = 0
         self.in_a_row = 0
+        self.last_checkpoint = last_checkpoint  # named in the stop message; the loop updates it
 
-    def record(self, step: int, applied: bool, keys: list[str], reason: str, last_checkpoint: int) -> None:
+    def record(self, step: int, applied: bool, keys: list[str], reason: str) -> None:
         if applied:
             self.in_a_row = 0
             return
@@ -117,7 +118,7 @@ class NonFiniteCounter:
             raise NonFiniteError(
                 f"{self.in_a_row} non-finite steps in a row (steps {step - self.in_a_row + 1}-{step}, "
                 f"train.max_nonfinite_steps={self.limit}); stopped without writing a checkpoint. The "
-                f"last checkpoint (step {last_checkpoint}) is intact; the skipped batches' sample keys "
+                f"last checkpoint (step {self.last_checkpoint}) is intact; the skipped batches' sample keys "
                 "are in the log above"
             )
 

@@ -251,10 +251,9 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         dynamic_ncols=True,
     )
     samples_seen, clock = 0, time.time()
-    nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps)
+    nonfinite = NonFiniteCounter(cfg.train.max_nonfinite_steps, last_checkpoint=step)
     if state and "nonfinite" in state:
         nonfinite.load_state_dict(state["nonfinite"])
-    last_checkpoint = step
     fault = faults.InjectedFault.from_env(rank)  # test hooks, inactive without their variables
     buffers = BufferSnapshot(engine.module)
     agreement = StepAgreement(stop)  # a non-finite loss or a stop signal on any rank
@@ -281,7 +280,6 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             applied,
             batch["__key__"],
             "non-finite loss" if agreement.nonfinite else "non-finite gradients",
-            last_checkpoint,
         )
         if teacher is not None and applied:
             teacher.update(engine.module)
@@ -326,7 +324,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                 cfg.train.keep_checkpoints,
                 weights_files={"teacher": teacher.state_dict()} if teacher is not None else None,
             )
-            last_checkpoint = step
+            nonfinite.last_checkpoint = step
         if stopping and step < cfg.train.steps:
             if rank == 0:
                 write_marker(run_dir, step, stop.signal)
