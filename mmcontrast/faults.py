@@ -7,10 +7,13 @@ MMCONTRAST_TEST_KILL_AT="POINT:STEP[@RANK]": SIGKILL this process at a named poi
     `step` (after the optimizer step, before logging), `checkpoint` (DeepSpeed's files written,
     no manifest or `latest` yet) or `eval` (between two benchmarks of an evaluation). Before
     dying it writes the time to MMCONTRAST_TEST_KILL_STAMP, if set.
+MMCONTRAST_TEST_RECORD_KEYS=DIR: each rank appends the step, epoch and sample keys of every batch
+    it trains on to DIR/rank<r>.jsonl.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -24,6 +27,7 @@ NONFINITE_ENV = "MMCONTRAST_TEST_NONFINITE"
 KILL_ENV = "MMCONTRAST_TEST_KILL_AT"
 KILL_STAMP_ENV = "MMCONTRAST_TEST_KILL_STAMP"
 KILL_POINTS = ("step", "checkpoint", "eval")
+RECORD_KEYS_ENV = "MMCONTRAST_TEST_RECORD_KEYS"
 
 _current_step = 0
 
@@ -60,6 +64,15 @@ def kill_point(point: str) -> None:
         with open(stamp, "w") as f:
             f.write(f"{time.time()}\n")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def record_keys(batch: dict) -> None:
+    folder = os.environ.get(RECORD_KEYS_ENV)
+    if not folder:
+        return
+    record = {"step": _current_step, "epoch": batch["position"]["epoch"], "keys": list(batch["__key__"])}
+    with open(os.path.join(folder, f"rank{os.environ.get('RANK', 0)}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 class _NanGradient(torch.autograd.Function):

@@ -50,6 +50,7 @@ from __future__ import annotations
 import atexit
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -65,7 +66,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -271,6 +272,16 @@ def _seed_int(*parts: Any) -> int:
 # ---------------------------------------------------------------- worker side
 
 
+class StreamId(NamedTuple):
+    """One role's stream of an epoch, named by the layout that defined it."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    roles: int
+    role: int
+
+
 class _RoleStream(IterableDataset):
     """What each DataLoader worker runs: one role's events -> decoded batches + end marker."""
 
@@ -308,32 +319,47 @@ class _RoleStream(IterableDataset):
         # set per epoch by ShardLoader before workers start
         self.epoch, self.rotation = 0, 0
         self.offsets, self.done = [0] * roles, [False] * roles
+        self.carry: list | None = None  # per role, after an elastic resume: see ShardLoader.continue_layout
         self._image_shape: tuple | None = None
 
     # -- which shards a role reads
 
-    def role_shards(self, source: int, role: int) -> list[str]:
+    def native(self, role: int) -> StreamId:
+        return StreamId(self.epoch, self.rank, self.world_size, self.roles, role)
+
+    def role_shards(self, source: int, sid: StreamId) -> list[str]:
         urls = self.sources[source]
         if self.resampled:
-            rng = _rng(self.seed, self.epoch, self.rank, role, "resample", source)
-            k = max(1, math.ceil(len(urls) / (self.world_size * self.roles)))
+            rng = _rng(self.seed, sid.epoch, sid.rank, sid.role, "resample", source)
+            k = max(1, math.ceil(len(urls) / (sid.world_size * sid.roles)))
             return [rng.choice(urls) for _ in range(k)]
         urls = list(urls)
         if self.train:  # same permutation on every rank, so the rank split stays disjoint
-            _rng(self.seed, self.epoch, "shards", source).shuffle(urls)
-        return urls[self.rank :: self.world_size][role :: self.roles]
+            _rng(self.seed, sid.epoch, "shards", source).shuffle(urls)
+        return urls[sid.rank :: sid.world_size][sid.role :: sid.roles]
 
-    def events(self, role: int) -> Iterator[dict | Skip]:
-        shards = [self.role_shards(s, role) for s in range(len(self.sources))]
+    def events(self, sid: StreamId) -> Iterator[dict | Skip | Ref]:
+        """The stream `sid` names: a pure function of (seed, sid), whatever the layout reading it."""
+        shards = [self.role_shards(s, sid) for s in range(len(self.sources))]
         streams = [_source_events(urls, self.index_dir) for urls in shards]
         if len(streams) == 1:
             ev = streams[0]
         else:
-            mix_rng = _rng(self.seed, self.epoch, self.rank, role, "mix")
+            mix_rng = _rng(self.seed, sid.epoch, sid.rank, sid.role, "mix")
             ev = _mix(streams, self.weights, mix_rng, stop_at_first=self.resampled)
         if self.shuffle_buffer > 1:
-            ev = _shuffle(ev, self.shuffle_buffer, _rng(self.seed, self.epoch, self.rank, role, "shuffle"))
+            ev = _shuffle(ev, self.shuffle_buffer, _rng(self.seed, sid.epoch, sid.rank, sid.role, "shuffle"))
         return ev
+
+    def flow(self, role: int) -> Iterator[dict | Skip | Ref]:
+        """What role `role` plays this epoch: its own stream, or (the epoch an elastic resume
+        began) its share of the streams another layout left unfinished."""
+        if self.carry is None:
+            return self.events(self.native(role))
+        return itertools.chain.from_iterable(
+            itertools.islice(self.events(StreamId(*sid)), offset + phase, None, stride)
+            for sid, offset, stride, phase in self.carry[role]
+        )
 
     # -- decoding
 
@@ -499,7 +525,7 @@ class _RoleStream(IterableDataset):
 
         count = 0
         reader = RefReader()
-        for index, ev in enumerate(self.events(role)):
+        for index, ev in enumerate(self.flow(role)):
             count = index + 1
             if index < start:  # replay to the resume point without decoding (or reading, if indexed)
                 continue
@@ -587,8 +613,9 @@ class ShardLoader:
         if position is not None:
             self.load_state_dict(position)
 
-    def _new_epoch(self, epoch: int) -> None:
+    def _new_epoch(self, epoch: int, carry: list | None = None) -> None:
         self.epoch = epoch
+        self._carry = carry
         self._offsets = [0] * self.roles
         self._done = [False] * self.roles
         self._last_role = -1
@@ -631,6 +658,7 @@ class ShardLoader:
             "done": list(self._done),
             "next_role": self._next_role(),
             "skipped": dict(self.skipped),
+            "carry": self._carry,
         }
 
     def load_state_dict(self, position: dict) -> None:
@@ -651,19 +679,84 @@ class ShardLoader:
                 "resuming data position with other shards, weights, fields, batch size or shuffle "
                 "buffer than it was saved with: the order continues, but not exactly"
             )
-        self._new_epoch(int(position["epoch"]))
+        self._new_epoch(int(position["epoch"]), position.get("carry"))
         self._offsets = [int(x) for x in position["offsets"]]
         self._done = [bool(x) for x in position["done"]]
         self._last_role = (int(position["next_role"]) - 1) % self.roles
         self._batches = int(position["batches"])
         self.skipped = {str(k): int(v) for k, v in position.get("skipped", {}).items()}
 
+    def continue_layout(self, positions: list[dict]) -> None:
+        """Continue an epoch that another layout (number of ranks or workers) began: `positions`
+        are the state_dict() of each of its ranks. Every sample that layout had not consumed is
+        read once, split over this layout's ranks and workers: a role takes whole unfinished
+        streams when there are as many as roles, else every n-th event of a stream it shares
+        with n - 1 others. The order differs from an uninterrupted run; the next epoch is this
+        layout's own. Collective in effect: every rank must be given the same positions.
+        """
+        if not self.train:
+            raise ValueError("a data position can only be restored into a train loader (train=True)")
+        mine = self._identity_fields()
+        for position in positions:
+            if position.get("version") != POSITION_VERSION:
+                raise ValueError(
+                    f"data position version {position.get('version')!r}; this code reads {POSITION_VERSION}"
+                )
+            for key in ("seed", "resampled"):
+                if position.get(key) != mine[key]:
+                    raise ValueError(
+                        f"cannot continue the data order: it was saved with {key}={position.get(key)!r}, now {mine[key]!r}"
+                    )
+            if position.get("carry") is not None:
+                raise ValueError(
+                    f"the checkpoint was written while epoch {position['epoch']} was itself continuing another "
+                    "layout's data; resume it with the number of ranks and workers that wrote it until that epoch ends"
+                )
+        epochs = {int(p["epoch"]) for p in positions}
+        if len(epochs) != 1:
+            raise ValueError(
+                f"the checkpoint's ranks were in different epochs ({sorted(epochs)}); resume it with the number "
+                "of ranks and workers that wrote it"
+            )
+        if any(p.get("fingerprint") != self._fingerprint() for p in positions):
+            log.warning(
+                "continuing a data order saved with other shards, weights, fields, batch size or shuffle buffer"
+            )
+        (epoch,) = epochs
+        unfinished = [
+            ([epoch, p["rank"], p["world_size"], p["roles"], role], int(p["offsets"][role]))
+            for p in sorted(positions, key=lambda p: p["rank"])
+            for role in range(p["roles"])
+            if not p["done"][role]
+        ]
+        slots = self.stream.world_size * self.roles  # this layout's roles, over every rank
+        carry = []
+        for role in range(self.roles):
+            g = self.stream.rank * self.roles + role
+            if len(unfinished) >= slots:
+                carry.append(
+                    [[sid, offset, 1, 0] for i, (sid, offset) in enumerate(unfinished) if i % slots == g]
+                )
+            elif unfinished:
+                sharing = [h for h in range(slots) if h % len(unfinished) == g % len(unfinished)]
+                sid, offset = unfinished[g % len(unfinished)]
+                carry.append([[sid, offset, len(sharing), sharing.index(g)]])
+        if unfinished:
+            self._new_epoch(epoch, carry)
+        else:
+            self._new_epoch(epoch + 1)
+        self.skipped = {}
+        for p in positions:  # each old rank's totals go to one new rank, so sums over ranks hold
+            if p["rank"] % self.stream.world_size == self.stream.rank:
+                for reason, n in p.get("skipped", {}).items():
+                    self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+
     # -- iteration
 
     def _items(self) -> Iterator[dict]:
         s = self.stream
         s.epoch, s.rotation = self.epoch, self._next_role()
-        s.offsets, s.done = list(self._offsets), list(self._done)
+        s.offsets, s.done, s.carry = list(self._offsets), list(self._done), self._carry
         if self.workers == 0:
             return iter(s)
         loader = DataLoader(
@@ -706,7 +799,7 @@ class ShardLoader:
             yield from self._run_epoch()
             return
         while True:
-            fresh = not any(self._offsets) and not any(self._done)
+            fresh = not any(self._offsets) and not any(self._done) and self._carry is None
             n = 0
             for batch in self._run_epoch():
                 n += 1

@@ -253,7 +253,7 @@ def intact_tag(run_dir) -> str | None:
 
 def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
     """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data, and
-    "tag").
+    "tag"). A rank the checkpoint's run did not have (more ranks now) gets only step and tag.
 
     RNG states are left to the caller: it restores them once the data loader has started, since
     starting a DataLoader draws from torch's RNG.
@@ -262,18 +262,27 @@ def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint to resume from in {root} (no 'latest' marker)")
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag)
+    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     state_file = root / tag / f"rank{dist.get_rank()}.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(
-            f"{state_file} is missing: was this checkpoint written with a different number of ranks?"
-        )
-    with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
-        state = torch.load(state_file, weights_only=True)
+    if state_file.is_file():
+        state = _load_rank_file(state_file)
+    else:
+        state = {"step": int(client_state["step"])}
     state["tag"] = tag
     return state
+
+
+def _load_rank_file(path: Path) -> dict:
+    with torch.serialization.safe_globals(_NUMPY_RNG_STATE):
+        return torch.load(path, weights_only=True)
+
+
+def load_data_positions(run_dir, tag: str) -> list[dict]:
+    """Every rank's data position in checkpoint `tag`, for a resume on another layout."""
+    files = sorted((checkpoint_root(run_dir) / tag).glob("rank*.pt"))
+    return [_load_rank_file(path)["data"] for path in files]
 
 
 def load_weights_file(run_dir, tag: str, name: str) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
     full_state_dict,
     load_checkpoint,
+    load_data_positions,
     load_weights_file,
     save_checkpoint,
     set_rng_state,
@@ -132,6 +133,11 @@ def skipped_over_ranks(loader, with_keys: bool = False) -> dict:
     return {"counts": counts, "keys": sorted({k for part in gathered for k in part["keys"]})}
 
 
+def _layout(position: dict) -> tuple[int, int]:
+    """(ranks, workers per rank) of a saved data position."""
+    return position["world_size"], position["roles"]
+
+
 def evaluation_model(engine, cfg: Config):
     """The model to evaluate: the engine's module, or under ZeRO-3 (whose forward fetches its
     partitions with collectives) an unpartitioned copy on every rank. Collective.
@@ -225,6 +231,18 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         if state:
             teacher.load_state_dict(load_weights_file(run_dir, state["tag"], "teacher"))
     seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout per rank
+    saved_layout = None  # every rank's data position, when the checkpoint's ranks or workers differ
+    if state and ("data" not in state or _layout(state["data"]) != (world, max(1, cfg.data.workers))):
+        saved_layout = load_data_positions(run_dir, state["tag"])
+        if rank == 0:
+            log.warning(
+                "resuming on %d rank(s) x %d data worker(s) a checkpoint written by %d x %d: the rest of "
+                "epoch %d is read once, in another order than an uninterrupted run's",
+                world,
+                max(1, cfg.data.workers),
+                *_layout(saved_layout[0]),
+                saved_layout[0]["epoch"],
+            )
 
     loader = make_loader(
         cfg.data.train,
@@ -236,12 +254,16 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         rank=rank,
         world_size=world,
         weights=cfg.data.train_weights or None,
-        position=state["data"] if state else None,
+        position=state["data"] if state and not saved_layout else None,
         index_dir=cfg.data.index_dir or str(run_dir / "shard_index"),
     )
+    if saved_layout:
+        loader.continue_layout(saved_layout)
     batches = iter(loader)
-    if state:
+    if state and not saved_layout:
         set_rng_state(state["rng"])
+    elif state:  # another layout: this rank's generators did not exist; seed them for this step
+        seed_everything(cfg.run.seed + 1000 * rank + 100_003 * step)
     metrics = MetricsLogger(run_dir, cfg, enabled=rank == 0)
     bar = tqdm(
         total=cfg.train.steps,
@@ -263,6 +285,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         batch = to_device(next(batches), engine.device, float_dtype)
         buffers.save()
         faults.set_step(step + 1)
+        faults.record_keys(batch)
         loss, parts, applied = train_step(
             engine,
             objective,

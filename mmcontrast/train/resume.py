@@ -1,9 +1,10 @@
 """Refuse a resume that cannot continue the run, before any file of the run changes.
 
-A resume continues exactly only with the same model, the same data fields and batch, and the
-same world size and data workers (the data position is split by rank and worker). The checks
-compare the new config with the run's config.yaml and the latest checkpoint, and name every
-differing key.
+A resume continues exactly with the same model, data fields, batch, world size and data workers.
+Another number of ranks or workers continues the epoch elastically (every remaining sample once,
+in another order: ShardLoader.continue_layout), which needs an optimizer state that is not
+partitioned by rank (ZeRO stage 0). The checks compare the new config with the run's config.yaml
+and the latest checkpoint, and name every differing key.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mmcontrast.train.checkpoint import checkpoint_root, intact_tag
 from mmcontrast.train.safe_pickle import UnsafeCheckpointError, check_checkpoint_pickles
 
 # Config keys a resumed run must keep: dotted paths into Config.to_dict().
-FROZEN_KEYS = ("model", "data.fields", "data.batch_size", "data.workers", "train.accumulation")
+FROZEN_KEYS = ("model", "data.fields", "data.batch_size", "train.accumulation")
 
 
 class ResumeError(ValueError):
@@ -63,8 +64,13 @@ def check_resume(cfg: Config, world: int, resume: str) -> str | None:
     except UnsafeCheckpointError as exc:
         raise ResumeError(str(exc)) from None
     ranks = len(list((checkpoint_root(run_dir) / tag).glob("rank*.pt")))
-    if ranks and ranks != world:
-        problems.append(f"world size: checkpoint {tag} was written by {ranks} ranks, this run has {world}")
+    stage = _at(saved, "train.zero_stage") or 0
+    if ranks and ranks != world and (stage or cfg.train.zero_stage):
+        problems.append(
+            f"world size: checkpoint {tag} was written by {ranks} ranks, this run has {world}; ZeRO stage "
+            f"{stage or cfg.train.zero_stage} partitions the optimizer state by rank, so only a ZeRO stage 0 "
+            "run resumes on another number of ranks"
+        )
     if problems:
         raise ResumeError(
             f"cannot resume {run_dir} from {tag}; nothing was changed. Differences:\n  "
