@@ -108,14 +108,18 @@ class Fault:
         return f"{self.kind}@{self.step}" + (f"/rank{self.only_rank}" if self.only_rank is not None else "")
 
 
-def draw_fault(rng: random.Random, after: int, ranks: int, before_first_checkpoint: bool) -> Fault | None:
-    """A fault at a step after `after` (the step the run resumes from); None if none is left."""
+def draw_fault(
+    rng: random.Random, after: int, ranks: int, before_first_checkpoint: bool, kills_left: int = 1
+) -> Fault | None:
+    """A fault at a step after `after` (the step the run resumes from), early enough to leave
+    room for `kills_left - 1` more; None if none is left."""
     if before_first_checkpoint:
         return Fault("step", rng.randint(1, CHECKPOINT_EVERY - 1))
+    last = min(STEPS, after + max(CHECKPOINT_EVERY, (STEPS - after) // kills_left))
     choices = {
-        "step": [s for s in range(after + 1, STEPS + 1)],
-        "checkpoint": [s for s in CHECKPOINT_STEPS if s > after],
-        "eval": [s for s in EVAL_STEPS if s > after],
+        "step": [s for s in range(after + 1, last + 1)],
+        "checkpoint": [s for s in CHECKPOINT_STEPS if after < s <= last],
+        "eval": [s for s in EVAL_STEPS if after < s <= last],
         "timer": [0] if after < STEPS else [],
     }
     kinds = [k for k, steps in choices.items() if steps]
@@ -213,7 +217,7 @@ def run_round(
     outcome = Outcome()
     while outcome.killed < kills:
         fault = draw_fault(
-            rng, _resume_step(run), ranks, before_first_checkpoint=first and outcome.killed == 0
+            rng, _resume_step(run), ranks, first and outcome.killed == 0, kills_left=kills - outcome.killed
         )
         if fault is None:
             break

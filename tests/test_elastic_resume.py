@@ -144,21 +144,50 @@ def _trained_keys(keys_dir, epoch=0):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("before", "after"),
-    [((2, 3), (1, 13)), ((1, 4), (2, 10))],
-    ids=["2 ranks -> 1 rank", "1 rank -> 2 ranks"],
+    ("before", "after", "engine"),
+    [
+        ((2, 3), (1, 13), ["train.zero_stage=1"]),
+        ((1, 4), (2, 10), ["train.zero_stage=2"]),
+    ],
+    ids=["2 ranks -> 1 rank, ZeRO-1", "1 rank -> 2 ranks, ZeRO-2"],
 )
 def test_training_resumed_on_another_number_of_ranks_reads_the_epoch_once(
-    repo_root, shards, tmp_path, before, after
+    repo_root, shards, tmp_path, before, after, engine
 ):
-    """Batches of 8, one worker per rank: 2 ranks read 64 samples each per epoch, 1 rank 128."""
-    urls, everything = shards
+    """Batches of 8, one worker per rank: 2 ranks read 64 samples each per epoch, 1 rank 128. The
+    optimizer state, partitioned by rank, is resharded through DeepSpeed's universal checkpoint."""
+    urls, _ = shards
     run, keys_dir = tmp_path / "run", tmp_path / "keys"
-    fixed = ["data.workers=1", "data.resampled=false"]  # the demo config draws shards with replacement
+    fixed = ["data.workers=1", "data.resampled=false", *engine]  # the demo config resamples shards
     _train(repo_root, urls, run, before[0], before[1], keys_dir, *fixed)
     log = _train(repo_root, urls, run, after[0], after[1], keys_dir, *fixed, "--resume")
-    assert "the rest of epoch 0 is read once" in log
+    assert "the rest of epoch 0 is read once" in log and "resharding" in log
     seen = _trained_keys(keys_dir)
     assert len(seen) == len(set(seen)) == 128, "a sample of epoch 0 was trained on twice, or never"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, after[1] + 1))
+    assert not (run / "checkpoints" / "universal" / f"step_{before[1]:07d}").exists()
+    # Adam's step counts went on from the checkpoint's: the optimizer state was restored, not new
+    assert _adam_steps(run / "checkpoints" / f"step_{after[1]:07d}") == {after[1]}
+
+
+def _adam_steps(folder) -> set[int]:
+    """Every Adam `step` count held in a checkpoint's optimizer files."""
+    import torch
+
+    found = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "step" and isinstance(item, (int, float, torch.Tensor)):
+                    found.add(int(item))
+                else:
+                    walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    for path in folder.glob("*optim_states.pt"):
+        walk(torch.load(path, weights_only=False)["optimizer_state_dict"])
+    return found

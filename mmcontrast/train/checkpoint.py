@@ -16,6 +16,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,9 +253,45 @@ def intact_tag(run_dir) -> str | None:
     raise FileNotFoundError(f"no intact checkpoint in {root}: every one is damaged or incomplete")
 
 
-def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
+UNIVERSAL = "universal"  # checkpoints/universal/<tag>: a resharded copy, removed once loaded
+
+
+def checkpoint_ranks(run_dir, tag: str) -> int:
+    """How many ranks wrote checkpoint `tag`."""
+    return len(list((checkpoint_root(run_dir) / tag).glob("rank*.pt")))
+
+
+def needs_universal(engine_cfg, run_dir, tag: str, world: int) -> bool:
+    """Whether resuming `tag` on `world` ranks must reshard the optimizer state: ZeRO stages
+    and DeepSpeed's bf16 optimizer partition it by rank; fp32 at stage 0 keeps it whole."""
+    partitioned = engine_cfg.zero_stage > 0 or engine_cfg.precision == "bf16"
+    return partitioned and checkpoint_ranks(run_dir, tag) != world
+
+
+def make_universal(run_dir, tag: str) -> None:
+    """Collective: rank 0 converts checkpoint `tag` into DeepSpeed's universal format (every
+    parameter's weights and optimizer state whole, for any number of ranks) under
+    `checkpoints/universal/<tag>`. The files were checked against the pickle allow-list before."""
+    root = checkpoint_root(run_dir)
+    out = root / UNIVERSAL / tag
+    if dist.get_rank() == 0 and not (out / "mp_rank_00_model_states.pt").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--inject_missing_state"]
+        command += ["--input_folder", str(root / tag), "--output_folder", str(out)]
+        log.info("resharding %s for another number of ranks (DeepSpeed's ds_to_universal)", tag)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(out, ignore_errors=True)
+            raise RuntimeError(
+                f"ds_to_universal could not convert {root / tag}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+            )
+    dist.barrier()
+
+
+def load_checkpoint(engine, run_dir, tag: str | None = None, universal: bool = False) -> dict:
     """Restore model/optimizer/scheduler; returns this rank's saved state (step, rng, data, and
     "tag"). A rank the checkpoint's run did not have (more ranks now) gets only step and tag.
+    universal: load the make_universal() copy (an engine built with load_universal).
 
     RNG states are left to the caller: it restores them once the data loader has started, since
     starting a DataLoader draws from torch's RNG.
@@ -262,9 +300,17 @@ def load_checkpoint(engine, run_dir, tag: str | None = None) -> dict:
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"no checkpoint to resume from in {root} (no 'latest' marker)")
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    load_path, client_state = engine.load_checkpoint(str(root / UNIVERSAL if universal else root), tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    if universal:  # the universal format holds parameters only: buffers (BatchNorm) come from the full copy
+        from safetensors.torch import load_file
+
+        weights = load_file(str(root / tag / "model.safetensors"))
+        with torch.no_grad():
+            for name, buffer in engine.module.named_buffers():
+                if name in weights:
+                    buffer.copy_(weights[name].to(buffer.dtype))
     state_file = root / tag / f"rank{dist.get_rank()}.pt"
     if state_file.is_file():
         state = _load_rank_file(state_file)

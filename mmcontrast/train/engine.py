@@ -58,8 +58,9 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_engine(model: torch.nn.Module, cfg):
-    """Wrap the model in a DeepSpeed engine with AdamW and a warmup + cosine schedule."""
+def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
+    """Wrap the model in a DeepSpeed engine with AdamW and a warmup + cosine schedule.
+    load_universal: the checkpoint to load is a universal one (train/checkpoint.py)."""
     import deepspeed
 
     t = cfg.train
@@ -72,11 +73,11 @@ def build_engine(model: torch.nn.Module, cfg):
     adamw = FiniteGuardedAdamW if t.zero_stage == 0 and t.precision == "fp32" else torch.optim.AdamW
     optimizer = adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps, t.min_lr / t.lr))
+    config = deepspeed_config(cfg, world_size=torch.distributed.get_world_size())
+    if load_universal:
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=schedule,
-        config=deepspeed_config(cfg, world_size=torch.distributed.get_world_size()),
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
     dtype = PRECISION_DTYPES[t.precision]
     if dtype != torch.float32:

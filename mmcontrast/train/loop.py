@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -19,10 +20,14 @@ from mmcontrast.data.pipeline import check_shard_urls, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
+    UNIVERSAL,
+    checkpoint_root,
     full_state_dict,
     load_checkpoint,
     load_data_positions,
     load_weights_file,
+    make_universal,
+    needs_universal,
     save_checkpoint,
     set_rng_state,
 )
@@ -206,6 +211,9 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     # a resume that cannot continue this run is refused before any file of the run changes
     resume_tag = check_resume(cfg, world, "required" if resume is True else resume or "")
     run_dir = Path(cfg.run.dir)
+    universal = resume_tag is not None and needs_universal(cfg.train, run_dir, resume_tag, world)
+    if universal:  # another number of ranks: reshard the partitioned optimizer state first
+        make_universal(run_dir, resume_tag)
     if rank == 0:
         clear_marker(run_dir)  # only a stop during this run may leave it
         write_run_config(cfg, resume_tag)
@@ -214,13 +222,17 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     if cfg.train.activation_checkpointing:
         model.set_grad_checkpointing(True)
     objective = Objective.from_config(cfg.loss, cfg.modalities)
-    engine = build_engine(model, cfg)
+    engine = build_engine(model, cfg, load_universal=universal)
     float_dtype = PRECISION_DTYPES[cfg.train.precision]
 
     state = None
     if resume_tag is not None:
-        state = load_checkpoint(engine, run_dir, resume_tag)
+        state = load_checkpoint(engine, run_dir, resume_tag, universal=universal)
         log.info("resumed from %s at step %d", resume_tag, state["step"])
+        if universal:
+            dist.barrier()  # every rank has loaded the resharded copy
+            if rank == 0:
+                shutil.rmtree(checkpoint_root(run_dir) / UNIVERSAL / resume_tag, ignore_errors=True)
     if rank == 0 and resume:  # records logged after that checkpoint (or any, without one) were lost
         resumed_at = state["step"] if state else 0
         drop_records_after(run_dir, resumed_at, evaluations_at_step=resumed_at >= cfg.train.steps)
