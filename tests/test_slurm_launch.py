@@ -79,7 +79,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_without_lost_or_repea
     world,  # noqa: F811
     tmp_path,
 ):
-    steps = 60
+    steps = 24
     run_dir = tmp_path / "run"
     job = _submit(
         slurm_cluster, repo_root, world, run_dir, f"train.steps={steps}", "train.checkpoint_every=0"

@@ -73,7 +73,8 @@ NEGATIVES = [
 ]
 
 
-@pytest.mark.parametrize("objective", [[], NEGATIVES], ids=["info_nce", "negatives_degla"])
+# (plain InfoNCE runs are killed at random moments and compared bit for bit in test_fault_campaign)
+@pytest.mark.parametrize("objective", [NEGATIVES], ids=["negatives_degla"])
 def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world, tmp_path, objective):
     steps = 14
     extra = [
