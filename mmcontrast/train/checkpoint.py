@@ -261,11 +261,11 @@ def checkpoint_ranks(run_dir, tag: str) -> int:
     return len(list((checkpoint_root(run_dir) / tag).glob("rank*.pt")))
 
 
-def needs_universal(engine_cfg, run_dir, tag: str, world: int) -> bool:
-    """Whether resuming `tag` on `world` ranks must reshard the optimizer state: ZeRO stages
-    and DeepSpeed's bf16 optimizer partition it by rank; fp32 at stage 0 keeps it whole."""
-    partitioned = engine_cfg.zero_stage > 0 or engine_cfg.precision == "bf16"
-    return partitioned and checkpoint_ranks(run_dir, tag) != world
+def needs_universal(run_dir, tag: str, world: int) -> bool:
+    """Whether resuming `tag` on `world` ranks must reshard the optimizer state: ZeRO keeps it
+    partitioned by rank in `*optim_states.pt` files; without them it is whole in the model file."""
+    folder = checkpoint_root(run_dir) / tag
+    return checkpoint_ranks(run_dir, tag) != world and any(folder.glob("*optim_states.pt"))
 
 
 def make_universal(run_dir, tag: str) -> None:

@@ -211,7 +211,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     # a resume that cannot continue this run is refused before any file of the run changes
     resume_tag = check_resume(cfg, world, "required" if resume is True else resume or "")
     run_dir = Path(cfg.run.dir)
-    universal = resume_tag is not None and needs_universal(cfg.train, run_dir, resume_tag, world)
+    universal = resume_tag is not None and needs_universal(run_dir, resume_tag, world)
     if universal:  # another number of ranks: reshard the partitioned optimizer state first
         make_universal(run_dir, resume_tag)
     if rank == 0:
