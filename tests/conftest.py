@@ -16,3 +16,19 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """open_clip's tokenizer (its vocabulary ships with the package), 16 tokens."""
+    import open_clip
+
+    return open_clip.tokenizer.SimpleTokenizer(context_length=16)
+
+
+@pytest.fixture(scope="module")
+def tf():
+    """open_clip's 64 px evaluation transform."""
+    import open_clip
+
+    return open_clip.image_transform(64, is_train=False)

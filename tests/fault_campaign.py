@@ -33,21 +33,14 @@ import torch
 from safetensors.torch import load_file
 
 from mmcontrast.faults import KILL_ENV, KILL_STAMP_ENV
+from tests.test_train_e2e import TINY as TINY_TRAINING
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CHECKPOINT_EVERY, EVAL_EVERY = 10, 3, 4
 TINY = [
-    "model.clip={embed_dim: 32, vision_cfg: {image_size: 32, layers: 1, width: 32, head_width: 16, patch_size: 8, patch_dropout: 0.3},"
-    " text_cfg: {context_length: 16, vocab_size: 49408, width: 32, heads: 2, layers: 1}}",
-    "model.audio.backbone=resnet10t",
-    "model.audio.n_mels=32",
-    "data.batch_size=8",
-    "data.shuffle_buffer=20",
+    *TINY_TRAINING,
     "data.workers=1",
     "eval.batch_size=32",
-    "train.warmup=2",
-    "train.log_every=1",
-    "train.progress=false",
     f"train.steps={STEPS}",
     f"train.checkpoint_every={CHECKPOINT_EVERY}",
     f"train.eval_every={EVAL_EVERY}",

@@ -10,20 +10,6 @@ from tests.test_pipeline import cfg, loader, take
 
 
 @pytest.fixture(scope="module")
-def tok():
-    import open_clip
-
-    return open_clip.tokenizer.SimpleTokenizer(context_length=16)
-
-
-@pytest.fixture(scope="module")
-def tf():
-    import open_clip
-
-    return open_clip.image_transform(64, is_train=False)
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """128 samples in 8 shards of 16."""
     out = tmp_path_factory.mktemp("world")

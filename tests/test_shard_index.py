@@ -13,20 +13,6 @@ from mmcontrast.data.tar_events import tar_events
 from tests.test_pipeline import _same, broken_shards, cfg, loader, take
 
 
-@pytest.fixture(scope="module")
-def tok():
-    import open_clip
-
-    return open_clip.tokenizer.SimpleTokenizer(context_length=16)
-
-
-@pytest.fixture(scope="module")
-def tf():
-    import open_clip
-
-    return open_clip.image_transform(64, is_train=False)
-
-
 def _urls(spec):
     return [u for source in expand_sources(spec) for u in source]
 
