@@ -177,3 +177,38 @@ def _adam_steps(folder) -> set[int]:
     for path in folder.glob("*optim_states.pt"):
         walk(torch.load(path, weights_only=False)["optimizer_state_dict"])
     return found
+
+
+def _check_resume(rank, world, run_dir, zero_stage):
+    from mmcontrast.config import load_config
+    from mmcontrast.train.resume import ResumeError, check_resume
+
+    cfg = load_config(None, [f"run.dir={run_dir}", f"train.zero_stage={zero_stage}"])
+    try:
+        return check_resume(cfg, world, "required")
+    except ResumeError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_only_zero3_is_refused_on_another_number_of_ranks(tmp_path, zero_stage):
+    """A checkpoint of 2 ranks (as an older mmcontrast wrote it: no manifest) resumed on 1."""
+    import torch
+    import yaml
+
+    from mmcontrast.config import load_config
+    from tests.distributed import run_ranks
+
+    run = tmp_path / "run"
+    folder = run / "checkpoints" / "step_0000002"
+    folder.mkdir(parents=True)
+    for rank in range(2):
+        torch.save({"step": 2}, folder / f"rank{rank}.pt")
+    (run / "checkpoints" / "latest").write_text("step_0000002")
+    saved = load_config(None, [f"run.dir={run}", f"train.zero_stage={zero_stage}"])
+    (run / "config.yaml").write_text(yaml.safe_dump(saved.to_dict()))
+    (answer,) = run_ranks(1, _check_resume, str(run), zero_stage)
+    if zero_stage == 3:
+        assert "a ZeRO stage 3 run resumes only on the number of ranks that wrote it" in answer
+    else:
+        assert answer == "step_0000002"
