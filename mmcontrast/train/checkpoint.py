@@ -311,6 +311,9 @@ def load_checkpoint(engine, run_dir, tag: str | None = None, universal: bool = F
             for name, buffer in engine.module.named_buffers():
                 if name in weights:
                     buffer.copy_(weights[name].to(buffer.dtype))
+        dist.barrier()  # every rank has loaded the resharded copy: it is not needed again
+        if dist.get_rank() == 0:
+            shutil.rmtree(root / UNIVERSAL / tag, ignore_errors=True)
     state_file = root / tag / f"rank{dist.get_rank()}.pt"
     if state_file.is_file():
         state = _load_rank_file(state_file)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from mmcontrast.data.pipeline import check_shard_urls, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
-    UNIVERSAL,
-    checkpoint_root,
     full_state_dict,
     load_checkpoint,
     load_data_positions,
@@ -229,10 +226,6 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     if resume_tag is not None:
         state = load_checkpoint(engine, run_dir, resume_tag, universal=universal)
         log.info("resumed from %s at step %d", resume_tag, state["step"])
-        if universal:
-            dist.barrier()  # every rank has loaded the resharded copy
-            if rank == 0:
-                shutil.rmtree(checkpoint_root(run_dir) / UNIVERSAL / resume_tag, ignore_errors=True)
     if rank == 0 and resume:  # records logged after that checkpoint (or any, without one) were lost
         resumed_at = state["step"] if state else 0
         drop_records_after(run_dir, resumed_at, evaluations_at_step=resumed_at >= cfg.train.steps)
