@@ -86,8 +86,9 @@ def _fingerprint(perms) -> torch.Tensor:
 def _draw_permutations(n_modalities, n_valid, generator, world, device):
     """One permutation per (anchor, non-anchor) pair, drawn in the package's order."""
     if generator is None and world > 1:
-        # every rank must shuffle the global batch alike: rank 0's draw seeds them all
-        seed = torch.randint(0, 2**62, (1,))
+        # every rank must shuffle the global batch alike: rank 0's draw seeds them all (the seed
+        # drawn from the CPU generator, as ever, then moved: NCCL takes device tensors only)
+        seed = torch.randint(0, 2**62, (1,), device="cpu").to(device)
         generator = torch.Generator().manual_seed(int(gather_rows(seed, with_grad=False)[0][0]))
     # the global CPU generator when none is given, exactly as the package's torch.randperm(B)
     gen_device = generator.device if generator is not None else "cpu"
