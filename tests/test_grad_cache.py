@@ -223,3 +223,20 @@ def test_activation_checkpointing_recomputes_with_the_same_masks(monkeypatch):
     assert calls["n"] == 4  # 2 image blocks, 1 text block, the audio ViT's block sequence
     assert got_loss.item() == pytest.approx(want_loss.item(), rel=1e-6)
     _assert_grads_close(got, want)
+
+
+def test_random_draws_of_the_loss_advance_from_step_to_step():
+    """Symile's shuffled negatives are drawn inside the loss: GradCache leaves the RNG where the
+    whole-batch step leaves it (after the loss's draws), so the next step draws other ones."""
+    modalities = ["image", "text"]
+    model, objective = _setup(_vit(), [TermConfig(name="symile", options={"negatives": "n"})], modalities)
+    batch = _batch(model, 16, modalities)
+
+    torch.manual_seed(7)
+    _whole_batch(model, objective, batch, pieces=4)
+    want_state = torch.get_rng_state()
+    torch.manual_seed(7)
+    first, _ = _grad_cached(model, objective, batch, pieces=4)
+    assert torch.equal(torch.get_rng_state(), want_state)
+    second, _ = _grad_cached(model, objective, batch, pieces=4)  # same weights, same batch
+    assert abs(second.item() - first.item()) > 1e-4  # other permutations, another loss

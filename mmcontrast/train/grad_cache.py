@@ -5,7 +5,8 @@ Accumulating micro-batch losses would give each micro-batch only its own negativ
 2. compute the loss on the whole batch of cached outputs and take its gradient with respect
    to those outputs;
 3. replay each micro-batch's forward under its saved RNG state (same dropout and patch-dropout
-   masks) and back-propagate the cached output gradients through it.
+   masks) and back-propagate the cached output gradients through it; then leave the RNG where
+   the loss left it, so draws inside the loss (Symile permutations) differ from step to step.
 The parameter gradients are those of the whole batch's loss. open_clip's accumulation reruns
 the towers without restoring RNG, so its second pass sees other dropout masks.
 
@@ -133,12 +134,12 @@ def grad_cache_step(
         for piece in micro:
             states.append(RngState())
             cached.append(forward(piece))
-    after = RngState()
 
     leaves = [_leaves(out) for out in cached]
     loss, parts = compute_loss(merge_outputs(leaves))
+    # after the loss's own draws (Symile permutations, MoCHi mixing), so the next step's differ
+    after = RngState()
     if proceed is not None and not proceed(loss):
-        after.restore()
         return loss.detach(), {k: v.detach() for k, v in parts.items()}
     keyed = {(i, name): leaf for i, out in enumerate(leaves) for name, leaf in _flat(out)}
     grads = dict(zip(keyed, torch.autograd.grad(loss, list(keyed.values()), allow_unused=True), strict=True))
