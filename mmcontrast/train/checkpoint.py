@@ -83,11 +83,30 @@ def full_state_dict(engine, every_rank: bool = False) -> dict[str, torch.Tensor]
     if _trains_master_weights(engine):
         from deepspeed.utils import safe_get_full_fp32_param
 
+        unpartitioned = _unpartitioned_masters(engine.optimizer)
         for name, param in engine.module.named_parameters():
-            master = safe_get_full_fp32_param(param)  # collective for partitioned parameters
-            if master is not None and name in state:
-                state[name] = master.detach().float().cpu().reshape(state[name].shape).clone()
+            if name not in state or not param.requires_grad:
+                continue
+            master = unpartitioned.get(id(param))
+            if master is None:
+                master = safe_get_full_fp32_param(param)  # collective for partitioned parameters
+            if master is None:
+                raise RuntimeError(
+                    f"no float32 master weight found for {name} under {type(engine.optimizer).__name__}: "
+                    "exporting its 16-bit copy would lose the low bits of every trained weight"
+                )
+            state[name] = master.detach().float().cpu().reshape(state[name].shape).clone()
     return state
+
+
+def _unpartitioned_masters(optimizer) -> dict[int, torch.Tensor]:
+    """id(16-bit parameter) -> its float32 master, for DeepSpeed's stage-0 16-bit wrapper
+    (FP16_UnfusedOptimizer, which bf16 at stage 0 uses with a torch optimizer): it keeps
+    per-parameter fp32 copies but no mapping that safe_get_full_fp32_param reads."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high or not isinstance(high[0], list):
+        return {}
+    return {id(p): m for lows, highs in zip(low, high, strict=True) for p, m in zip(lows, highs, strict=True)}
 
 
 def _write_atomic(path: Path, text: str) -> None:
