@@ -29,11 +29,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from mmcontrast.faults import KILL_ENV, KILL_STAMP_ENV
 from tests.test_train_e2e import TINY as TINY_TRAINING
+from tests.tolerances import same_record, same_tensor
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, CHECKPOINT_EVERY, EVAL_EVERY = 10, 3, 4
@@ -191,12 +191,14 @@ def _final_weights(run: Path) -> dict:
 
 def compare(reference: Path, run: Path, outcome: Outcome) -> None:
     ref, got = _final_weights(reference), _final_weights(run)
-    outcome.weights_identical = ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    outcome.weights_identical = ref.keys() == got.keys() and all(same_tensor(ref[k], got[k]) for k in ref)
     ref_records, records = _records(reference), _records(run)
-    outcome.metrics_identical = ref_records == records
+    outcome.metrics_identical = len(ref_records) == len(records) and all(
+        same_record(a, b) for a, b in zip(ref_records, records, strict=True)
+    )
     if not outcome.metrics_identical:
         for i, (a, b) in enumerate(zip(ref_records, records, strict=False)):
-            if a != b:
+            if not same_record(a, b):
                 outcome.first_difference = f"record {i}: {a} != {b}"
                 break
         else:

@@ -30,7 +30,9 @@ def _reference_masters(engine, ckpt_root: Path, tag: str, stage: int, precision:
     names = {id(p): n for n, p in engine.module.named_parameters()}
     return {
         names[id(p)]: master
-        for params, masters in zip(engine.optimizer.fp16_groups, saved["optimizer"]["fp32_groups"], strict=True)
+        for params, masters in zip(
+            engine.optimizer.fp16_groups, saved["optimizer"]["fp32_groups"], strict=True
+        )
         for p, master in zip(params, masters, strict=True)
     }
 
@@ -70,7 +72,9 @@ def _train_and_compare(rank, world, root: str):
         engine = build_engine(model, cfg)
         objective = Objective.from_config(cfg.loss, cfg.modalities)
         for step in range(2):
-            batch = to_device(_batch(model, 8, cfg.modalities, seed=step), engine.device, PRECISION_DTYPES[precision])
+            batch = to_device(
+                _batch(model, 8, cfg.modalities, seed=step), engine.device, PRECISION_DTYPES[precision]
+            )
             train_step(engine, objective, batch, 1)
         tag = save_checkpoint(engine, cfg.run.dir, 2, {}, keep=0)
         ckpt_root = Path(cfg.run.dir) / "checkpoints"
@@ -93,6 +97,8 @@ def test_every_stage_and_precision_exports_the_fp32_master_weights(tmp_path):
     (report,) = run_ranks(1, _train_and_compare, str(tmp_path), timeout=600)
     for name, found in report.items():
         assert found["compared"] > 10, name
-        assert not found["mismatched"], f"{name}: export differs from the fp32 masters in {found['mismatched']}"
+        assert not found["mismatched"], (
+            f"{name}: export differs from the fp32 masters in {found['mismatched']}"
+        )
         # trained float32 weights carry bits a bf16 copy cannot hold
         assert found["beyond_bf16"] > 10, name
