@@ -106,7 +106,16 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
     grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (GPU only: dynamic loss scaling)
+    # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 masters, gradients reduced in fp32) |
+    # amp_bf16 (fp32 weights, the forward under bf16 autocast, as open_clip's amp_bf16) |
+    # fp16 (GPU only: dynamic loss scaling)
+    precision: str = "fp32"
+    # on a GPU: TF32 matmuls and convolutions, cuDNN autotuning (no effect on CPU)
+    tf32: bool = True
+    # torch.compile each tower (inductor; on CPU too); the checkpoint's keys do not change
+    compile: bool = False
+    # the process group's collective timeout; a rank that stops answering fails the job after it
+    dist_timeout_minutes: float = 30.0
     zero_stage: int = 0
     # micro-batches per step: each rank's data.batch_size samples are encoded in this many
     # pieces whose negatives are still the whole global batch (GradCache, RNG replayed)
@@ -275,7 +284,13 @@ def validate(cfg: Config) -> Config:
     )
     _check(t.eps > 0, "train.eps", t.eps, "a number > 0")
     _check(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "a number >= 0 (0 disables)")
-    _check(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "fp32, bf16, fp16")
+    _check(
+        t.precision in ("fp32", "bf16", "amp_bf16", "fp16"),
+        "train.precision",
+        t.precision,
+        "fp32, bf16, amp_bf16, fp16",
+    )
+    _check(t.dist_timeout_minutes > 0, "train.dist_timeout_minutes", t.dist_timeout_minutes, "a number > 0")
     _check(t.zero_stage in (0, 1, 2, 3), "train.zero_stage", t.zero_stage, "0, 1, 2, 3")
     _check(t.accumulation >= 1, "train.accumulation", t.accumulation, "an integer >= 1")
     _check(

@@ -101,6 +101,17 @@ class MultimodalModel(nn.Module):
         for tower in self.towers.values():
             tower.set_grad_checkpointing(enable)
 
+    def compile_towers(self) -> None:
+        """torch.compile the image tower, the text transformer and each extra tower, in place
+        (nn.Module.compile), so parameter names and checkpoints stay as they are. The glue
+        between them (dicts, masks, the losses) stays eager."""
+        self.clip.visual.compile()
+        # CLIP keeps its text transformer as .transformer; CoCa and CustomTextCLIP as .text
+        text = getattr(self.clip, "transformer", None) or self.clip.text
+        text.compile()
+        for tower in self.towers.values():
+            tower.compile()
+
     def logit_scale(self) -> torch.Tensor:
         """exp(logit_scale), clamped at 100 (ln 100 on the parameter) as in CLIP."""
         return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().reshape(())

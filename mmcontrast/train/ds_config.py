@@ -54,6 +54,10 @@ def generated_config(train_cfg, batch_size: int, world_size: int | None = None) 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if train_cfg.precision == "bf16":
+        # bf16 weights, but gradients summed over ranks in fp32: a bf16 all-reduce over many
+        # ranks loses the low bits of every gradient (a user's file may say otherwise)
+        config["communication_data_type"] = "fp32"
     if world_size is not None:
         config["train_batch_size"] = batch_size * world_size
     return config

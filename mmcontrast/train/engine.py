@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import math
 import os
 import socket
@@ -13,10 +15,11 @@ from mmcontrast.train.ds_config import deepspeed_config
 from mmcontrast.train.guard import FiniteGuardedAdamW
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     """Start (or join) the process group; a plain `python` run becomes a world of one.
 
-    Returns (rank, world_size, local_rank). CPU runs use gloo, GPU runs nccl.
+    Returns (rank, world_size, local_rank). CPU runs use gloo, GPU runs nccl; a collective that
+    waits longer than timeout_minutes fails the job.
     """
     import deepspeed
 
@@ -28,7 +31,7 @@ def init_distributed() -> tuple[int, int, int]:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -55,7 +58,30 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype of the weights and of the floating inputs; amp_bf16 keeps both in float32.
+PRECISION_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "amp_bf16": torch.float32,
+    "fp16": torch.float16,
+}
+
+
+def forward_context(precision: str, device: torch.device):
+    """The context the model's forward runs in: bf16 autocast for amp_bf16 (matmuls and
+    convolutions in bf16, reductions and the losses' upcasts in fp32), else nothing."""
+    if precision == "amp_bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def configure_backends(tf32: bool) -> None:
+    """TF32 matmuls and convolutions and cuDNN autotuning on a GPU; nothing on CPU."""
+    if not torch.cuda.is_available():
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = True
 
 
 def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
@@ -68,9 +94,11 @@ def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
         raise ConfigError(
             "train.precision: fp16 needs a GPU (DeepSpeed's dynamic loss scaling); use bf16 or fp32 on CPU"
         )
-    # DeepSpeed's bf16 and ZeRO optimizers skip a step with non-finite gradients; plain fp32
-    # stage 0 steps this one directly, which must then skip it itself (train/guard.py)
-    adamw = FiniteGuardedAdamW if t.zero_stage == 0 and t.precision == "fp32" else torch.optim.AdamW
+    # DeepSpeed's bf16 and ZeRO optimizers skip a step with non-finite gradients; fp32 weights at
+    # stage 0 step this one directly, which must then skip it itself (train/guard.py)
+    adamw = (
+        FiniteGuardedAdamW if t.zero_stage == 0 and t.precision in ("fp32", "amp_bf16") else torch.optim.AdamW
+    )
     optimizer = adamw(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps, t.min_lr / t.lr))
     config = deepspeed_config(cfg, world_size=torch.distributed.get_world_size())
@@ -87,6 +115,8 @@ def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
                 module.running_mean.data = module.running_mean.data.to(dtype)
                 module.running_var.data = module.running_var.data.to(dtype)
+    if t.compile:
+        model.compile_towers()
     if t.zero_stage == 3 and getattr(model, "is_coca", False):
         # The caption loss reads the decoder's output projection outside the decoder's own
         # forward (losses.caption chunks it): ZeRO-3 must gather it for the whole model forward.

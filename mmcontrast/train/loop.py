@@ -28,7 +28,13 @@ from mmcontrast.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from mmcontrast.train.engine import PRECISION_DTYPES, build_engine, init_distributed
+from mmcontrast.train.engine import (
+    PRECISION_DTYPES,
+    build_engine,
+    configure_backends,
+    forward_context,
+    init_distributed,
+)
 from mmcontrast.train.grad_cache import grad_cache_step
 from mmcontrast.train.guard import BufferSnapshot, NonFiniteCounter, StepAgreement
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
@@ -68,17 +74,29 @@ def objective_loss(objective, outputs: dict, present: dict, teacher_outputs=None
 
 
 def train_step(
-    engine, objective, batch: dict, micro_batches: int, teacher=None, proceed=None, loss_hook=None
+    engine,
+    objective,
+    batch: dict,
+    micro_batches: int,
+    teacher=None,
+    proceed=None,
+    loss_hook=None,
+    precision: str = "fp32",
 ):
     """One optimizer step on the batch; several micro-batches go through GradCache.
 
     proceed(loss) -> bool is called once the loss is known, before any backward (a collective:
     the guard and stop flag); False skips backward and step. loss_hook(loss) -> loss is a test
-    hook. Returns (loss, parts, applied): applied is False when the step changed no weight (a
-    declined or non-finite loss, or gradients DeepSpeed's optimizer found non-finite).
+    hook. precision "amp_bf16" runs the forwards under bf16 autocast (the losses and backward
+    outside it). Returns (loss, parts, applied): applied is False when the step changed no
+    weight (a declined or non-finite loss, or gradients DeepSpeed's optimizer found non-finite).
     """
     teacher_outputs = teacher(batch) if teacher is not None else None  # eval mode: draws no RNG
     declined = False
+
+    def forward(piece):
+        with forward_context(precision, engine.device):
+            return engine(piece, **objective.forward_kwargs)
 
     def compute_loss(outputs):
         loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs)
@@ -90,7 +108,7 @@ def train_step(
         return not declined
 
     if micro_batches == 1:
-        loss, parts = compute_loss(engine(batch, **objective.forward_kwargs))
+        loss, parts = compute_loss(forward(batch))
         if not go_on(loss):
             return loss.detach(), parts, False
         engine.backward(loss)
@@ -102,7 +120,7 @@ def train_step(
         engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
 
     loss, parts = grad_cache_step(
-        lambda piece: engine(piece, **objective.forward_kwargs),
+        forward,
         compute_loss,
         batch,
         micro_batches,
@@ -183,7 +201,8 @@ def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
 def train(cfg: Config, resume: bool | str = False) -> dict:
     """Train a run. resume: False, True (the latest checkpoint must exist) or "if_exists"."""
     # ---- set-up
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(cfg.train.dist_timeout_minutes)
+    configure_backends(cfg.train.tf32)
     stop = StopRequest()
     try:
         return _train(cfg, resume, rank, world, stop)
@@ -299,6 +318,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             teacher,
             proceed=agreement,
             loss_hook=lambda loss, s=step + 1: fault(loss, s),
+            precision=cfg.train.precision,
         )
         step += 1
         if not applied:
