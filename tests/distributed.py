@@ -39,10 +39,12 @@ def _to_torch(value):
     return value
 
 
-def _worker(rank, world, port, fn, args, queue):
+def _worker(rank, world, port, fn, args, queue, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world)
         queue.put((rank, _to_numpy(fn(rank, world, *args)), None))
     except Exception:
         queue.put((rank, None, traceback.format_exc()))
@@ -51,12 +53,15 @@ def _worker(rank, world, port, fn, args, queue):
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 120.0) -> list:
-    """fn(rank, world, *args) on `world` processes; returns results ordered by rank."""
+def run_ranks(world: int, fn, *args, timeout: float = 120.0, backend: str = "gloo") -> list:
+    """fn(rank, world, *args) on `world` processes; returns results ordered by rank. backend
+    "nccl" puts rank r on GPU r."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, backend)) for r in range(world)
+    ]
     for p in procs:
         p.start()
     results = {}

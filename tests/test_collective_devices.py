@@ -3,11 +3,13 @@ tensor (at any world size), so a tensor made without `device=` crashes a GPU run
 
 A CPU machine cannot show that directly. These runs make `meta` the default device, so a tensor
 made without `device=` lands there, as a GPU run's lands on the CPU, while the embeddings live on
-the CPU; every collective then checks its tensors against the embeddings' device.
+the CPU; every collective then checks its tensors against the embeddings' device. On a machine
+with a GPU the same losses also run on CUDA under NCCL itself (benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -41,29 +43,30 @@ def check_collective_devices(expected: torch.device, misplaced: list[str]) -> No
         setattr(dist, name, checked)
 
 
-def _every_loss(rank, world):
+def _every_loss(rank, world, device_name="cpu"):
     from mmcontrast.losses.gram import gram_loss
     from mmcontrast.losses.hard_negatives import hard_negative_mixing, hard_negative_nce, negclip
     from mmcontrast.losses.info_nce import info_nce
     from mmcontrast.losses.siglip import siglip
     from mmcontrast.losses.symile import symile_loss
 
-    cpu = torch.device("cpu")
+    device = torch.device(device_name, rank) if device_name == "cuda" else torch.device("cpu")
     misplaced: list[str] = []
-    check_collective_devices(cpu, misplaced)
-    torch.set_default_device("meta")
-    gen = torch.Generator().manual_seed(rank)
+    check_collective_devices(device, misplaced)
+    if device_name == "cpu":
+        torch.set_default_device("meta")
+    gen = torch.Generator(device=device).manual_seed(rank)
     n, d = 6, 8
 
     def emb():
-        return F.normalize(torch.randn(n, d, generator=gen, device=cpu), dim=-1).requires_grad_()
+        return F.normalize(torch.randn(n, d, generator=gen, device=device), dim=-1).requires_grad_()
 
     a, b, c = emb(), emb(), emb()
-    scale = torch.tensor(10.0, device=cpu)
-    bias = torch.tensor(-5.0, device=cpu)
-    valid = torch.ones(n, dtype=torch.bool, device=cpu)
+    scale = torch.tensor(10.0, device=device)
+    bias = torch.tensor(-5.0, device=device)
+    valid = torch.ones(n, dtype=torch.bool, device=device)
     valid[rank] = False
-    negatives = F.normalize(torch.randn(n, 2, d, generator=gen, device=cpu), dim=-1)
+    negatives = F.normalize(torch.randn(n, 2, d, generator=gen, device=device), dim=-1)
     losses = {
         "info_nce": lambda: info_nce(a, b, scale, valid=valid),
         "siglip": lambda: siglip(a, b, scale, bias, valid=valid),
@@ -80,7 +83,7 @@ def _every_loss(rank, world):
         try:
             loss = loss_fn()
             loss.backward()
-            ok = loss.device == cpu
+            ok = loss.device == device
         except Exception as exc:  # a misplaced tensor breaks the run after the skipped collective
             ok, misplaced[:] = False, [*misplaced, f"{type(exc).__name__}: {exc}"]
         report[name] = "ok" if ok and not misplaced else "; ".join(misplaced) or "loss off device"
@@ -89,6 +92,14 @@ def _every_loss(rank, world):
 
 def test_every_collective_tensor_lives_on_the_embeddings_device():
     for rank, report in enumerate(run_ranks(2, _every_loss)):
+        bad = {name: why for name, why in report.items() if why != "ok"}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two ranks under NCCL need two GPUs")
+def test_every_loss_runs_under_nccl_on_cuda():
+    # at world size 1 the losses make no collective; one GPU's check is a training run's
+    for rank, report in enumerate(run_ranks(2, _every_loss, "cuda", backend="nccl")):
         bad = {name: why for name, why in report.items() if why != "ok"}
         assert not bad, f"rank {rank}: {bad}"
 

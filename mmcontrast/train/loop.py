@@ -131,6 +131,13 @@ def train_step(
     return loss, parts, not declined and engine.was_step_applied()
 
 
+def gpu_memory(device: torch.device) -> dict[str, float]:
+    """Peak GPU memory of this rank so far (a log-step figure), nothing on CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+
+
 def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     names = sorted(values)
     stacked = torch.stack([values[n].float().reshape(()) for n in names])
@@ -348,6 +355,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                     "lr": engine.get_lr()[0],
                     "samples_per_s": rate,
                     "nonfinite_steps": nonfinite.total,
+                    **gpu_memory(engine.device),
                     **{f"skipped/{k}": v for k, v in skipped.items()},
                 }
             )

@@ -1,0 +1,190 @@
+"""The first thing to run on a machine with a GPU (benchmarks/gpu_check.sh calls this), well under
+8 minutes on one H100/H200:
+
+1. the device-sensitive tests on CUDA (DeepSpeed's engine on the GPU, NCCL where two GPUs exist):
+   collective devices, fp32 master-weight export at every ZeRO stage, GradCache, the numeric guard;
+2. the demo config trained for 50 steps in bf16 and in amp_bf16 on a fresh demo world: time to
+   the first logged step, steady samples/s, the losses, peak GPU memory;
+3. figures written to a JSON file (default benchmarks/gpu_check.json) and printed as a markdown
+   table that benchmarks/RESULTS.md takes over.
+
+`--cpu` is a dry mode for CI: the same steps on a tiny world and model, a few steps each, so the
+script cannot rot on machines without a GPU. Its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEVICE_TESTS = [
+    "tests/test_collective_devices.py",
+    "tests/test_master_weights.py",
+    "tests/test_grad_cache.py",
+    "tests/test_numeric_guard.py",
+]
+# the dry mode checks the plumbing with the quickest of them
+DRY_TESTS = ["tests/test_collective_devices.py"]
+PRECISIONS = ("bf16", "amp_bf16")
+
+
+def environment() -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if torch.cuda.is_available():
+        info |= {
+            "device": torch.cuda.get_device_name(0),
+            "devices": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        }
+    return info
+
+
+def run_tests(tests: list[str], env: dict) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return {
+        "tests": tests,
+        "passed": proc.returncode == 0,
+        "summary": summary,
+        "seconds": round(time.perf_counter() - start, 1),
+        "failures": proc.stdout[-4000:] if proc.returncode else "",
+    }
+
+
+def train_run(world: Path, run_dir: Path, precision: str, steps: int, extra: list[str], env: dict) -> dict:
+    """One training run: wall time to the first logged step, steady samples/s (median of the
+    records after the first), losses, peak GPU memory."""
+    command = [
+        sys.executable,
+        "-m",
+        "mmcontrast.cli",
+        "train",
+        str(REPO / "configs/demo.yaml"),
+        f"run.dir={run_dir}",
+        f"data.train={world}/train-{{000000..000003}}.tar",
+        "eval.benchmarks=[]",
+        f"train.steps={steps}",
+        f"train.precision={precision}",
+        "train.checkpoint_every=0",
+        "train.log_every=1",
+        "train.progress=false",
+        *extra,
+    ]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics, first_step = run_dir / "metrics.jsonl", None
+    while proc.poll() is None:
+        if first_step is None and metrics.is_file() and metrics.stat().st_size:
+            first_step = time.perf_counter() - start
+        time.sleep(0.2)
+    output = proc.stdout.read()
+    result = {"precision": precision, "steps": steps, "returncode": proc.returncode}
+    if proc.returncode:
+        return result | {"error": output[-3000:]}
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
+    rates = [r["samples_per_s"] for r in records[1:]] or [records[0]["samples_per_s"]]
+    return result | {
+        "seconds_to_first_step": round(first_step or time.perf_counter() - start, 1),
+        "samples_per_s": round(statistics.median(rates), 1),
+        "first_loss": round(records[0]["loss"], 4),
+        "last_loss": round(records[-1]["loss"], 4),
+        "finite": all(r["loss"] == r["loss"] for r in records),
+        "peak_gpu_memory_gib": records[-1].get("peak_gpu_memory_gib"),
+    }
+
+
+def table(report: dict) -> str:
+    rows = [
+        "| run | precision | steps | s to first step | samples/s | loss first -> last | peak GiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in report["training"]:
+        if run["returncode"]:
+            rows.append(f"| demo | {run['precision']} | {run['steps']} | failed | | |")
+            continue
+        rows.append(
+            f"| demo | {run['precision']} | {run['steps']} | {run['seconds_to_first_step']} | "
+            f"{run['samples_per_s']} | {run['first_loss']} -> {run['last_loss']} | "
+            f"{run['peak_gpu_memory_gib'] or '-'} |"
+        )
+    tests = report["tests"]
+    return "\n".join(
+        [
+            f"gpu_check ({report['mode']}), {report['environment'].get('device', 'CPU')}, {report['environment']['date']}",
+            f"device tests: {'passed' if tests['passed'] else 'FAILED'} ({tests['summary']}, {tests['seconds']} s)",
+            "",
+            *rows,
+        ]
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="dry mode without a GPU (tiny world and model)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks/gpu_check.json"))
+    parser.add_argument("--steps", type=int, default=None, help="training steps per run (50; 2 with --cpu)")
+    args = parser.parse_args()
+
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_check: no GPU here; --cpu runs the dry mode", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+    env.setdefault("WANDB_MODE", "disabled")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    steps = args.steps or (2 if args.cpu else 50)
+    report = {"mode": "cpu-dry" if args.cpu else "gpu", "environment": environment()}
+    report["tests"] = run_tests(DRY_TESTS if args.cpu else DEVICE_TESTS, env)
+
+    from mmcontrast.data.demo import write_demo_world
+    from tests.test_train_e2e import TINY
+
+    with tempfile.TemporaryDirectory(prefix="mmcontrast-gpu-check-") as tmp:
+        world = Path(tmp) / "world"
+        if args.cpu:
+            write_demo_world(world, n_train=64, n_val=16, seed=0, samples_per_shard=16)
+        else:
+            write_demo_world(world, n_train=4 * 1024, n_val=64, seed=0, samples_per_shard=1024)
+        extra = [*TINY, "train.log_every=1"] if args.cpu else []
+        report["training"] = [
+            train_run(world, Path(tmp) / f"run-{p}", p, steps, extra, env) for p in PRECISIONS
+        ]
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nfigures: {args.out}")
+    ok = report["tests"]["passed"] and all(r["returncode"] == 0 and r["finite"] for r in report["training"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
