@@ -85,11 +85,15 @@ def full_state_dict(engine, every_rank: bool = False) -> dict[str, torch.Tensor]
 
         unpartitioned = _unpartitioned_masters(engine.optimizer)
         for name, param in engine.module.named_parameters():
-            if name not in state or not param.requires_grad:
-                continue
+            if not param.requires_grad:
+                continue  # frozen: no master; the module holds it
             master = unpartitioned.get(id(param))
             if master is None:
-                master = safe_get_full_fp32_param(param)  # collective for partitioned parameters
+                # collective for partitioned parameters: every rank calls it, even one whose
+                # `state` is empty (ZeRO-3 gives the weights to rank 0 only)
+                master = safe_get_full_fp32_param(param)
+            if name not in state:
+                continue
             if master is None:
                 raise RuntimeError(
                     f"no float32 master weight found for {name} under {type(engine.optimizer).__name__}: "

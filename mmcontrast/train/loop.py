@@ -57,6 +57,8 @@ def to_device(batch: dict, device, float_dtype) -> dict:
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, dtype=float_dtype if value.is_floating_point() else None)
+            if value.ndim == 4 and value.is_floating_point():  # images, NHWC like the weights
+                value = value.contiguous(memory_format=torch.channels_last)
         elif key == "present":
             value = {m: v.to(device) for m, v in value.items()}
         out[key] = value
