@@ -60,7 +60,9 @@ def make_jpeg_shards(out: Path, samples: int, size: int, per_shard: int = 256) -
     for i, shard in enumerate(shards):
         with wds.TarWriter(str(out / f"{i:06d}.tar")) as sink:
             for sample in wds.WebDataset(str(shard), shardshuffle=False):
-                image = Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((size, size), Image.BICUBIC)
+                image = (
+                    Image.open(io.BytesIO(sample["png"])).convert("RGB").resize((size, size), Image.BICUBIC)
+                )
                 jpeg = io.BytesIO()
                 image.save(jpeg, format="JPEG", quality=90)
                 sink.write({"__key__": sample["__key__"], "jpg": jpeg.getvalue(), "txt": sample["txt"]})
@@ -128,7 +130,9 @@ def run_mmcontrast(args, urls: str, clip_cfg, work: Path, tag: str) -> dict:
     )
     if code:
         raise RuntimeError(f"mmcontrast train failed:\n{output[-3000:]}")
-    rates = [json.loads(line)["samples_per_s"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    rates = [
+        json.loads(line)["samples_per_s"] for line in metrics.read_text().splitlines() if '"loss"' in line
+    ]
     return {"first_step_s": first, "rates": rates}
 
 
@@ -180,7 +184,11 @@ def model_flops(clip_cfg, batch: int) -> float:
     model = create_open_clip(clip_cfg)[0]
     size = clip_cfg["vision_cfg"]["image_size"]
     images = torch.randn(batch, 3, size, size)
-    text = torch.randint(0, clip_cfg["text_cfg"].get("vocab_size", 49408), (batch, clip_cfg["text_cfg"].get("context_length", 77)))
+    text = torch.randint(
+        0,
+        clip_cfg["text_cfg"].get("vocab_size", 49408),
+        (batch, clip_cfg["text_cfg"].get("context_length", 77)),
+    )
     with FlopCounterMode(display=False) as counter:
         image_features, text_features, scale = model(images, text)[:3]
         (image_features @ text_features.T * scale).sum().backward()
@@ -189,7 +197,9 @@ def model_flops(clip_cfg, batch: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="demo", help="demo (configs/demo.yaml's CLIP) or an open_clip model name")
+    parser.add_argument(
+        "--model", default="demo", help="demo (configs/demo.yaml's CLIP) or an open_clip model name"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=3, help="first steps left out of the steady state")
@@ -208,7 +218,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mmcontrast-throughput-") as tmp:
         work = Path(tmp)
         urls = make_jpeg_shards(work / "shards", args.samples, size)
-        open_clip_model = args.model if args.model != "demo" else open_clip_model_dir(work / "model", clip_cfg)
+        open_clip_model = (
+            args.model if args.model != "demo" else open_clip_model_dir(work / "model", clip_cfg)
+        )
         rounds = []
         for r in range(args.rounds):
             order = ["mmcontrast", "open_clip"] if r % 2 == 0 else ["open_clip", "mmcontrast"]
@@ -225,7 +237,9 @@ def main() -> int:
         f"\n{args.model}, batch {args.batch}, {args.workers} workers, {args.precision}"
         f"{', compiled' if args.compile else ''}, {args.steps} steps (steady: after {args.skip})"
     )
-    print("| round | mmcontrast samples/s | open_clip_train samples/s | ratio | first step s (ours / theirs) |")
+    print(
+        "| round | mmcontrast samples/s | open_clip_train samples/s | ratio | first step s (ours / theirs) |"
+    )
     print("|---|---|---|---|---|")
     for r, result in enumerate(rounds):
         ours, theirs = result["mmcontrast"], result["open_clip"]

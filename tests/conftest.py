@@ -32,3 +32,32 @@ def tf():
     import open_clip
 
     return open_clip.image_transform(64, is_train=False)
+
+
+@pytest.fixture(scope="session")
+def demo_world(tmp_path_factory) -> Path:
+    """`make demo`'s world (8000 train, 1000 val samples, seed 0), written once for the demo tests."""
+    import subprocess
+    import sys
+
+    world = tmp_path_factory.mktemp("demo") / "world"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmcontrast.cli",
+            "data",
+            "demo",
+            "--out",
+            str(world),
+            "--train",
+            "8000",
+            "--val",
+            "1000",
+            "--seed",
+            "0",
+        ],
+        check=True,
+        timeout=600,
+    )
+    return world

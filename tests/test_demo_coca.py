@@ -23,9 +23,8 @@ def _cli(*args, timeout=1500, capture=False):
     return proc.stdout
 
 
-def test_demo_coca_captions_name_colour_and_shape(repo_root, tmp_path):
-    world, run, export = tmp_path / "world", tmp_path / "run", tmp_path / "export"
-    _cli("data", "demo", "--out", str(world), "--train", "8000", "--val", "1000", "--seed", "0")
+def test_demo_coca_captions_name_colour_and_shape(repo_root, demo_world, tmp_path):
+    world, run, export = demo_world, tmp_path / "run", tmp_path / "export"
     _cli(
         "train",
         str(repo_root / "configs/demo-coca.yaml"),
