@@ -15,7 +15,7 @@ DEMO_VAL ?= 1000
 $(BIN)/.installed: setup.cfg constraints.txt pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade-strategy only-if-needed -c constraints.txt -e ".[test,coca]"
+	$(BIN)/pip install --upgrade-strategy only-if-needed -c constraints.txt -e ".[test,coca,bench]"
 	touch $@
 
 install: $(BIN)/.installed

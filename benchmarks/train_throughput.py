@@ -140,8 +140,7 @@ def run_open_clip(args, urls: str, model: str, work: Path, tag: str) -> dict:
     logs = work / f"open_clip-{tag}"
     command = [
         sys.executable,
-        "-m",
-        "open_clip_train.main",
+        str(REPO / "benchmarks/open_clip_train_compat.py"),  # webdataset 1.0's shard-end marker
         f"--model={model}",
         f"--train-data={urls}",
         "--dataset-type=webdataset",

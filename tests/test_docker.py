@@ -41,8 +41,10 @@ def test_dockerfile_ignores_only_justified_rules():
 
 def test_image_layout():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:\S+-cudnn-runtime-ubuntu\S+$", text, re.M)
-    assert "pip install --no-cache-dir -c constraints.txt ." in text
+    # the base is an argument (a CUDA 12 build for older drivers), CUDA 13 by default
+    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:\S+-cudnn-runtime-ubuntu\S+$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert "pip install --no-cache-dir -c /tmp/constraints.txt ." in text
     assert 'ENTRYPOINT ["mmcontrast"]' in text
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and not users[-1].startswith("0") and users[-1] != "root"
