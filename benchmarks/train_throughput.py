@@ -10,7 +10,8 @@ open_clip_torch wheel), in interleaved rounds (A B, then B A, ...).
 
 Printed per run: seconds from launch to the first logged step, and steady-state samples/s (the
 median of the per-step figures each tool logs, after the first `--skip` steps); then the ratio
-mmcontrast / open_clip_train per round and overall. Both log every step. The shards are the demo
+mmcontrast / open_clip_train per round and overall. Both log every step and clip gradients at
+norm 1.0 (mmcontrast's default; open_clip_train's is off). The shards are the demo
 world's pictures as JPEG at the model's image size with their captions; audio is not read.
 On a GPU the table adds model FLOPs utilisation (fvcore-free: FLOPs counted by
 torch.utils.flop_counter on one forward + backward of the batch, against --peak-tflops).
@@ -110,6 +111,7 @@ def run_mmcontrast(args, urls: str, clip_cfg, work: Path, tag: str) -> dict:
             "lr": 1e-4,
             "warmup": 2,
             "weight_decay": 0.2,
+            "grad_clip": 1.0,
             "log_every": 1,
             "checkpoint_every": 0,
             "keep_checkpoints": 1,
@@ -138,30 +140,34 @@ def run_mmcontrast(args, urls: str, clip_cfg, work: Path, tag: str) -> dict:
 
 def run_open_clip(args, urls: str, model: str, work: Path, tag: str) -> dict:
     logs = work / f"open_clip-{tag}"
-    command = [
-        sys.executable,
-        str(REPO / "benchmarks/open_clip_train_compat.py"),  # webdataset 1.0's shard-end marker
-        f"--model={model}",
-        f"--train-data={urls}",
-        "--dataset-type=webdataset",
-        "--dataset-resampled",
-        f"--train-num-samples={args.steps * args.batch}",
-        f"--batch-size={args.batch}",
-        f"--workers={args.workers}",
-        "--epochs=1",
-        "--lr=1e-4",
-        "--warmup=2",
-        "--wd=0.2",
-        f"--precision={args.precision}",
-        "--log-every-n-steps=1",
-        "--save-frequency=0",
-        "--zeroshot-frequency=0",
-        "--val-frequency=0",
-        "--seed=0",
-        f"--logs={logs}",
-        f"--name={tag}",
-        "--report-to=",
-    ] + (["--torchcompile"] if args.compile else [])
+    command = (
+        [
+            sys.executable,
+            str(REPO / "benchmarks/open_clip_train_compat.py"),  # webdataset 1.0's shard-end marker
+            f"--model={model}",
+            f"--train-data={urls}",
+            "--dataset-type=webdataset",
+            "--dataset-resampled",
+            f"--train-num-samples={args.steps * args.batch}",
+            f"--batch-size={args.batch}",
+            f"--workers={args.workers}",
+            "--epochs=1",
+            "--lr=1e-4",
+            "--warmup=2",
+            "--wd=0.2",
+            "--grad-clip-norm=1.0",  # mmcontrast clips at train.grad_clip (1.0); open_clip_train does not by default
+            f"--precision={args.precision}",
+            "--log-every-n-steps=1",
+            "--save-frequency=0",
+            "--zeroshot-frequency=0",
+            "--val-frequency=0",
+            "--seed=0",
+            f"--logs={logs}",
+            f"--name={tag}",
+            "--report-to=",
+        ]
+        + (["--torchcompile"] if args.compile else [])
+    )
     log = work / f"open_clip-{tag}.log"
     first, output, code = _launch(command, REPO, log, lambda: "Train Epoch" in log.read_text())
     if code:
