@@ -96,23 +96,24 @@ def train_run(world: Path, run_dir: Path, precision: str, steps: int, extra: lis
         "train.progress=false",
         *extra,
     ]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    from benchmarks.train_throughput import launch  # output to a file: a pipe left unread can fill and block
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    first_step, output, returncode = launch(
+        command,
+        REPO,
+        run_dir.parent / f"{run_dir.name}.log",
+        lambda: metrics.is_file() and metrics.stat().st_size > 0,
+        env,
     )
-    metrics, first_step = run_dir / "metrics.jsonl", None
-    while proc.poll() is None:
-        if first_step is None and metrics.is_file() and metrics.stat().st_size:
-            first_step = time.perf_counter() - start
-        time.sleep(0.2)
-    output = proc.stdout.read()
-    result = {"precision": precision, "steps": steps, "returncode": proc.returncode}
-    if proc.returncode:
+    result = {"precision": precision, "steps": steps, "returncode": returncode}
+    if returncode:
         return result | {"error": output[-3000:]}
     records = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
     rates = [r["samples_per_s"] for r in records[1:]] or [records[0]["samples_per_s"]]
     return result | {
-        "seconds_to_first_step": round(first_step or time.perf_counter() - start, 1),
+        "seconds_to_first_step": round(first_step, 1),
         "samples_per_s": round(statistics.median(rates), 1),
         "first_loss": round(records[0]["loss"], 4),
         "last_loss": round(records[-1]["loss"], 4),

@@ -45,7 +45,12 @@ def demo_clip_config() -> dict:
 def model_config(name: str) -> dict:
     import open_clip
 
-    return demo_clip_config() if name == "demo" else open_clip.get_model_config(name)
+    if name == "demo":
+        return demo_clip_config()
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise SystemExit(f"--model {name!r}: not 'demo' nor an open_clip model (open_clip.list_models())")
+    return config
 
 
 def make_jpeg_shards(out: Path, samples: int, size: int, per_shard: int = 256) -> str:
@@ -77,16 +82,18 @@ def open_clip_model_dir(out: Path, clip_cfg: dict) -> str:
     return f"local-dir:{out}"
 
 
-def _launch(command: list[str], cwd: Path, log: Path, first_record) -> tuple[float | None, str, int]:
+def launch(command: list[str], cwd: Path, log: Path, first_record, env=None) -> tuple[float | None, str, int]:
     """Run to the end; seconds from launch until first_record() is true, the output, the code."""
     start = time.perf_counter()
     with open(log, "w") as sink:
-        proc = subprocess.Popen(command, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT)
         first = None
         while proc.poll() is None:
             if first is None and first_record():
                 first = time.perf_counter() - start
             time.sleep(0.1)
+    if first is None:  # finished between two polls: the whole run is the bound
+        first = time.perf_counter() - start
     return first, log.read_text(), proc.returncode
 
 
@@ -124,7 +131,7 @@ def run_mmcontrast(args, urls: str, clip_cfg, work: Path, tag: str) -> dict:
     config_file = work / f"mmcontrast-{tag}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     metrics = run_dir / "metrics.jsonl"
-    first, output, code = _launch(
+    first, output, code = launch(
         [sys.executable, "-m", "mmcontrast.cli", "train", str(config_file)],
         REPO,
         work / f"mmcontrast-{tag}.log",
@@ -169,7 +176,7 @@ def run_open_clip(args, urls: str, model: str, work: Path, tag: str) -> dict:
         + (["--torchcompile"] if args.compile else [])
     )
     log = work / f"open_clip-{tag}.log"
-    first, output, code = _launch(command, REPO, log, lambda: "Train Epoch" in log.read_text())
+    first, output, code = launch(command, REPO, log, lambda: "Train Epoch" in log.read_text())
     if code:
         raise RuntimeError(f"open_clip_train failed:\n{output[-3000:]}")
     return {"first_step_s": first, "rates": [float(r) for r in OPEN_CLIP_RATE.findall(output)]}
