@@ -40,6 +40,28 @@ def test_guarded_adamw_skips_a_step_with_non_finite_gradients():
     assert not opt.overflow and weight.data[0] < 1 and opt.state[weight]["step"] == 1
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_guarded_adamw_clips_as_torch_clip_grad_norm_then_adamw(max_norm):
+    """The guard's own clipping (DeepSpeed's is off on its path) against torch's clip_grad_norm_
+    followed by a plain AdamW step, clipped (0.5) and unclipped (100)."""
+    torch.manual_seed(0)
+    shapes = [(4, 3), (3,), (2, 2, 3)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    grads = [torch.randn(s) * 3 for s in shapes]
+    guarded = FiniteGuardedAdamW(ours, lr=0.1, max_grad_norm=max_norm)
+    plain = torch.optim.AdamW(reference, lr=0.1)
+    for p, q, g in zip(ours, reference, grads, strict=True):
+        p.grad, q.grad = g.clone(), g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(reference, max_norm)
+    assert (norm > max_norm) == (max_norm == 0.5)
+    guarded.step()
+    plain.step()
+    for p, q in zip(ours, reference, strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.data, q.data, rtol=1e-6, atol=1e-7)
+
+
 def test_counter_resets_on_a_good_step_and_stops_after_the_limit(caplog):
     counter = NonFiniteCounter(limit=3)
     counter.record(1, False, ["a", "b"], "non-finite loss")

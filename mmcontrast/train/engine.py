@@ -96,21 +96,30 @@ def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
         )
     # DeepSpeed's bf16 and ZeRO optimizers skip a step with non-finite gradients; fp32 weights at
     # stage 0 step this one directly, which must then skip it itself (train/guard.py)
-    adamw = (
-        FiniteGuardedAdamW if t.zero_stage == 0 and t.precision in ("fp32", "amp_bf16") else torch.optim.AdamW
-    )
+    guarded = t.zero_stage == 0 and t.precision in ("fp32", "amp_bf16")
     # fused: one kernel over all parameters, on CPU too (2.5x faster than the per-tensor loop
     # open_clip's default takes there)
-    optimizer = adamw(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps, fused=True
-    )
+    options = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "fused": True}
+    if guarded:
+        optimizer = FiniteGuardedAdamW(
+            param_groups(model, t.weight_decay), max_grad_norm=t.grad_clip, **options
+        )
+    else:
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), **options)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps, t.min_lr / t.lr))
     config = deepspeed_config(cfg, world_size=torch.distributed.get_world_size())
+    if guarded:  # the guarded optimizer clips with the norms it computes anyway; DeepSpeed's
+        # clipping would compute them again, one tensor at a time
+        config["gradient_clipping"] = 0.0
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule, config=config
     )
+    if t.zero_stage == 0 and engine.dp_world_size == 1:
+        # averaging over one rank changes nothing, but DeepSpeed would still flatten every
+        # gradient into a buffer and copy it back (8% of a demo-model step on CPU)
+        engine.enable_backward_allreduce = False
     dtype = PRECISION_DTYPES[t.precision]
     if dtype != torch.float32:
         # DeepSpeed casts parameters, not buffers; torch's batch_norm wants its running

@@ -28,19 +28,32 @@ class NonFiniteError(RuntimeError):
 class FiniteGuardedAdamW(torch.optim.AdamW):
     """AdamW that skips its step when a gradient is not finite, reporting it as DeepSpeed's own
     optimizers do (`overflow`), so the engine counts the skip and holds the LR schedule back.
+    With max_grad_norm > 0 it also clips the gradients' global norm, as DeepSpeed's clipping
+    would (the engine's own clipping is then off): one pass over the gradients serves both.
 
     Stage-0 gradients are all-reduced before the step, so every rank decides alike.
     """
 
     overflow = False
 
+    def __init__(self, params, *, max_grad_norm: float = 0.0, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_grad_norm = max_grad_norm
+
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        norms = torch._foreach_norm(grads) if grads else []
-        self.overflow = bool(norms) and not bool(torch.stack(norms).isfinite().all())
+        if not grads:
+            self.overflow = False
+            return super().step(closure)
+        # DeepSpeed's formula: the root of the summed squared per-tensor norms
+        total_norm = torch.stack(torch._foreach_norm(grads)).pow(2).sum().sqrt()
+        self.overflow = not bool(total_norm.isfinite())  # the step's one host read
         if self.overflow:
             return None
+        if self.max_grad_norm > 0:
+            coefficient = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coefficient)
         return super().step(closure)
 
 
