@@ -198,3 +198,35 @@ def test_peak_memory_stays_far_below_one_dense_logits_matrix(repo_root, loss):
     # loss must not hold even one: its tiles are 2^23 scores (32 MiB) each.
     dense_logits_mb = batch * batch * 4 / 2**20
     assert peak_mb < dense_logits_mb, f"{loss} peaked at {peak_mb:.0f} MiB"
+
+
+@pytest.mark.parametrize("square", [True, False])
+def test_tiles_make_no_host_read(monkeypatch, square):
+    """Meta tensors have no values: any per-tile read of the device (a mask's bool(), nonzero(),
+    boolean indexing) raises. The call's one read, whether to mask at all, is taken as 'yes'."""
+    from mmcontrast.losses import tiled
+    from mmcontrast.losses.tiled import tiled_score_cross_entropy
+
+    monkeypatch.setattr(tiled, "_needs_masking", lambda col_valid, row_valid: (True, True))
+    n, big_n = 12, 12 if square else 20
+    q = torch.randn(n, 8, device="meta", requires_grad=True)
+    k = torch.randn(big_n, 8, device="meta", requires_grad=True)
+    scale = torch.ones((), device="meta", requires_grad=True)
+    targets = torch.arange(n, device="meta")
+    masks = {
+        "row_valid": torch.ones(n, dtype=torch.bool, device="meta"),
+        "col_valid": torch.ones(big_n, dtype=torch.bool, device="meta"),
+    }
+    rows, cols = tiled_cross_entropy(
+        q, k, scale, targets, label_smoothing=0.1, tile=5, square=square, **masks
+    )
+    (rows.sum() + cols.sum()).backward()
+    assert q.grad.device.type == "meta" and k.grad.shape == k.shape
+
+    def scores(r, c, start, stop):
+        return r[0] @ c[0][start:stop].T
+
+    rows, cols = tiled_score_cross_entropy(
+        scores, (q,), (k,), big_n, targets, label_smoothing=0.1, tile=5, square=square, **masks
+    )
+    (rows.sum() + cols.sum()).backward()

@@ -24,15 +24,35 @@ def default_tile(rows: int) -> int:
     return max(64, DEFAULT_TILE_ELEMENTS // max(rows, 1))
 
 
-def _masked_scores(q, k_tile, scale, col_valid_tile, row_valid):
+def _masked_scores(q, k_tile, scale, col_valid_tile, row_valid, masking):
     """Scores of a tile, and views of them with invalid columns / rows at -inf (copies only
-    when something is masked: each is rows x tile floats)."""
+    when something is masked: each is rows x tile floats). masking: (columns, rows) need it,
+    decided once per call (`_needs_masking`), not read from the device at every tile."""
     s = scale * (q @ k_tile.T)
-    row_side = s if bool(col_valid_tile.all()) else s.masked_fill(~col_valid_tile[None, :], float("-inf"))
+    row_side = s.masked_fill(~col_valid_tile[None, :], float("-inf")) if masking[0] else s
     col_side = None
     if row_valid is not None:
-        col_side = s if bool(row_valid.all()) else s.masked_fill(~row_valid[:, None], float("-inf"))
+        col_side = s.masked_fill(~row_valid[:, None], float("-inf")) if masking[1] else s
     return s, row_side, col_side
+
+
+def _needs_masking(col_valid, row_valid) -> tuple[bool, bool]:
+    """(some column invalid, some row invalid): the call's one host read of its masks."""
+    flags = torch.stack([~col_valid.all(), ~row_valid.all()]).tolist()
+    return bool(flags[0]), bool(flags[1])
+
+
+def _take_targets(target_scores, s, targets, start, stop):
+    """target_scores with s[i, targets[i] - start] where row i's target lies in [start, stop):
+    a gather, no host synchronisation."""
+    inside = (targets >= start) & (targets < stop)
+    picked = s.gather(1, (targets - start).clamp(0, stop - start - 1)[:, None]).squeeze(1)
+    return torch.where(inside, picked, target_scores)
+
+
+def _masked_mean(x, mask):
+    """Mean of x's rows where mask holds, (d,); zeros when none does. No host synchronisation."""
+    return (x * mask[:, None]).sum(0) / mask.sum().clamp(min=1)
 
 
 class TiledCrossEntropy(torch.autograd.Function):
@@ -47,14 +67,14 @@ class TiledCrossEntropy(torch.autograd.Function):
         row_sum = qf.new_zeros(n)
         col_lse = qf.new_empty(big_n if square else 0)
         target_scores = qf.new_zeros(n)
+        masking = _needs_masking(col_valid, row_valid)
         for start in range(0, big_n, tile):
             stop = min(start + tile, big_n)
             s, row_side, col_side = _masked_scores(
-                qf, kf[start:stop], sc, col_valid[start:stop], row_valid if square else None
+                qf, kf[start:stop], sc, col_valid[start:stop], row_valid if square else None, masking
             )
             # the positive's score from the same tile, so lse - target rounds like a dense CE
-            here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
-            target_scores[here] = s[here, targets[here] - start]
+            target_scores = _take_targets(target_scores, s, targets, start, stop)
             tile_max = row_side.max(dim=1).values
             new_max = torch.maximum(row_max, tile_max)
             safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
@@ -66,11 +86,11 @@ class TiledCrossEntropy(torch.autograd.Function):
         row_lse = torch.log(row_sum) + row_max
 
         eps = label_smoothing
-        k_mean = kf[col_valid].mean(0)
+        k_mean = _masked_mean(kf, col_valid)
         row_loss = row_lse - (1 - eps) * target_scores - eps * sc * (qf @ k_mean)
         col_loss = qf.new_zeros(0)
         if square:
-            q_mean = qf[row_valid].mean(0)
+            q_mean = _masked_mean(qf, row_valid)
             col_loss = col_lse - (1 - eps) * target_scores - eps * sc * (kf @ q_mean)
         ctx.save_for_backward(q, k, scale, targets, row_valid, col_valid, row_lse, col_lse)
         ctx.eps, ctx.tile, ctx.square, ctx.in_dtype = eps, tile, square, in_dtype
@@ -85,11 +105,12 @@ class TiledCrossEntropy(torch.autograd.Function):
         g_col = g_col.float() if square and g_col is not None else qf.new_zeros(kf.shape[0] if square else 0)
         dq, dk = torch.zeros_like(qf), torch.zeros_like(kf)
         dscale = qf.new_zeros(())
+        masking = _needs_masking(col_valid, row_valid)
         for start in range(0, kf.shape[0], tile):
             stop = min(start + tile, kf.shape[0])
             k_tile = kf[start:stop]
             s, row_side, col_side = _masked_scores(
-                qf, k_tile, sc, col_valid[start:stop], row_valid if square else None
+                qf, k_tile, sc, col_valid[start:stop], row_valid if square else None, masking
             )
             # d loss / d score of the tile, built in place: the tile is the memory that matters
             grad = (row_side - row_lse[:, None]).exp_().mul_(g_row[:, None])
@@ -108,20 +129,20 @@ class TiledCrossEntropy(torch.autograd.Function):
         dq -= sc * w[:, None] * k_t
         dk.index_add_(0, targets, -sc * w[:, None] * qf)
         dscale -= (w * (qf * k_t).sum(1)).sum()
-        k_mean = kf[col_valid].mean(0)
+        k_mean = _masked_mean(kf, col_valid)
         dq -= sc * eps * g_row[:, None] * k_mean[None, :]
         g_q = (g_row[:, None] * qf).sum(0)
-        dk[col_valid] -= sc * eps * g_q / col_valid.sum()
+        dk -= col_valid[:, None] * (sc * eps * g_q / col_valid.sum().clamp(min=1))[None, :]
         dscale -= eps * (g_q @ k_mean)
         if square:
             wc = (1 - eps) * g_col
             dq -= sc * wc[:, None] * kf
             dk -= sc * wc[:, None] * qf
             dscale -= (wc * (qf * kf).sum(1)).sum()
-            q_mean = qf[row_valid].mean(0)
+            q_mean = _masked_mean(qf, row_valid)
             dk -= sc * eps * g_col[:, None] * q_mean[None, :]
             g_k = (g_col[:, None] * kf).sum(0)
-            dq[row_valid] -= sc * eps * g_k / row_valid.sum()
+            dq -= row_valid[:, None] * (sc * eps * g_k / row_valid.sum().clamp(min=1))[None, :]
             dscale -= eps * (g_k @ q_mean)
         dtype = ctx.in_dtype
         return dq.to(dtype), dk.to(k.dtype), dscale.to(scale.dtype), None, None, None, None, None, None
@@ -166,20 +187,19 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
         target_scores = torch.zeros(n, device=device)
         col_lse = torch.zeros(n_cols if square else 0, device=device)
         col_mean = torch.zeros(n_cols if square else 0, device=device)
+        cols_masked, _ = _needs_masking(col_valid, row_valid)
         for start in range(0, n_cols, tile):
             stop = min(start + tile, n_cols)
             s = score_fn(rows, cols, start, stop).float()
             cv = col_valid[start:stop]
-            cols_all_valid = bool(cv.all())
-            row_side = s if cols_all_valid else s.masked_fill(~cv[None, :], float("-inf"))
+            row_side = s.masked_fill(~cv[None, :], float("-inf")) if cols_masked else s
             new_max = torch.maximum(row_max, row_side.max(dim=1).values)
             safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
             row_sum = row_sum * torch.exp(row_max - safe) + (row_side - safe[:, None]).exp_().sum(1)
             row_max = new_max
             if eps:
-                row_mean += (s if cols_all_valid else s.masked_fill(~cv[None, :], 0.0)).sum(1)
-            here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
-            target_scores[here] = s[here, targets[here] - start]
+                row_mean += (s.masked_fill(~cv[None, :], 0.0) if cols_masked else s).sum(1)
+            target_scores = _take_targets(target_scores, s, targets, start, stop)
             if square:
                 col_side = s.masked_fill(~row_valid[:, None], float("-inf"))
                 col_lse[start:stop] = torch.logsumexp(col_side, dim=0)
@@ -212,6 +232,7 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
         wanted = [x for x in leaves if x.requires_grad]
         grads = [torch.zeros_like(x) for x in wanted]
         n_valid_cols, n_valid_rows = col_valid.sum(), row_valid.sum()
+        cols_masked, rows_masked = _needs_masking(col_valid, row_valid)
         for start in range(0, n_cols, ctx.tile):
             stop = min(start + ctx.tile, n_cols)
             cv = col_valid[start:stop]
@@ -221,16 +242,18 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
                 # d loss_i / d s_ij = g_i (p_ij - (1 - eps) [j = t_i] - eps / C), valid j only
                 sd = s.detach()
                 grad = (sd - row_lse[:, None]).exp_()
-                if not bool(cv.all()):
+                if cols_masked:
                     grad.masked_fill_(~cv[None, :], 0.0)
                 if eps:
                     grad.sub_(eps / n_valid_cols * cv[None, :])
                 grad.mul_(g_row[:, None])
-                here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
-                grad[here, targets[here] - start] -= (1 - eps) * g_row[here]
+                # the positive's term, scattered where the target lies in this tile (no host read)
+                inside = (targets >= start) & (targets < stop)
+                column = (targets - start).clamp(0, stop - start - 1)[:, None]
+                grad.scatter_add_(1, column, (-(1 - eps) * g_row * inside)[:, None])
                 if square:
                     col_part = (sd - col_lse[None, start:stop]).exp_()
-                    if not bool(row_valid.all()):
+                    if rows_masked:
                         col_part.masked_fill_(~row_valid[:, None], 0.0)
                     if eps:
                         col_part.sub_(eps / n_valid_rows * row_valid[:, None])
