@@ -49,7 +49,7 @@ demo-coca: install
 	$(BIN)/mmcontrast caption $(DEMO)/export-coca $(DEMO)/val-images/*.png
 
 test: install
-	$(BIN)/python -m pytest -q -ra --durations=20
+	$(BIN)/python -m pytest -q -ra --durations=40
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 BENCHMARKS = ("demo-classes", "demo-retrieval", "demo-composition")
 
 
-def _cli(*args, timeout=1200):
+def _cli(*args, timeout=2400):
     subprocess.run([sys.executable, "-m", "mmcontrast.cli", *args], check=True, timeout=timeout)
 
 

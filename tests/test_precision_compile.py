@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmcontrast.config import LossConfig, TermConfig
+from mmcontrast.config import AudioTowerConfig, LossConfig, TermConfig
 from mmcontrast.losses import Objective
 from mmcontrast.train.engine import forward_context
-from mmcontrast.train.loop import objective_loss
+from mmcontrast.train.loop import objective_loss, to_device
 from tests.test_grad_cache import _batch, _setup, _vit
 from tests.test_train_e2e import _overrides, _train_cmd, world  # noqa: F401
 
@@ -35,6 +35,24 @@ def test_amp_bf16_runs_the_forward_in_bf16_and_keeps_weights_and_gradients_in_fp
     with forward_context("fp32", torch.device("cpu")):
         assert model(batch)["image"].dtype == torch.float32
     assert Objective.from_config(LossConfig(terms=[TermConfig()]), modalities)  # unchanged by the context
+
+
+def test_pure_bf16_keeps_the_waveform_float32_into_the_mel_frontend():
+    """A bf16 module (DeepSpeed's bf16) gets bf16 images but the float32 waveform (the STFT and
+    log run in float32 on unrounded samples); the mel reaches the backbone in its dtype."""
+    modalities = ["image", "text", "audio"]
+    audio_cfg = AudioTowerConfig(backbone="resnet10t", n_mels=32, hop_length=320)
+    model, _ = _setup(_vit(), [TermConfig(name="info_nce")], modalities, audio=audio_cfg)
+    batch = _batch(model, 4, modalities)
+    on_device = to_device(batch, torch.device("cpu"), torch.bfloat16)
+    assert on_device["image"].dtype == torch.bfloat16
+    assert torch.equal(on_device["audio"], batch["audio"])  # float32, unrounded
+    frontend = model.towers["audio"].frontend
+    mel = frontend(on_device["audio"])
+    assert mel.dtype == torch.float32 and mel.is_contiguous(memory_format=torch.channels_last)
+    model.bfloat16()
+    embeddings = model.encode("audio", on_device["audio"])
+    assert embeddings.dtype == torch.bfloat16 and torch.isfinite(embeddings).all()
 
 
 def _records(run_dir):

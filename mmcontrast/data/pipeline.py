@@ -765,6 +765,7 @@ class ShardLoader:
             batch_size=None,
             num_workers=self.workers,
             collate_fn=_identity,
+            pin_memory=torch.cuda.is_available(),  # for the trainer's non-blocking copies
             # own generator: creating the loader must not draw from the trainer's global RNG
             generator=torch.Generator().manual_seed(s.seed),
         )

@@ -152,7 +152,13 @@ def _encode_share(model, bench, modalities, decoder, batch_size, rank, world, wo
         batchers = {"image": _Batcher(caption_fn, batch_size, device, dtype)}
     else:
         batchers = {
-            m: _Batcher(lambda x, m=m: model.encode(m, x).float(), batch_size, device, dtype)
+            # the waveform stays float32 for the mel frontend, as in training
+            m: _Batcher(
+                lambda x, m=m: model.encode(m, x).float(),
+                batch_size,
+                device,
+                torch.float32 if m == "audio" else dtype,
+            )
             for m in modalities
         }
     index, targets, skipped = [], [], Counter()
