@@ -84,6 +84,21 @@ def test_equal_dense_formulas():
         torch.testing.assert_close(ours_g[k], ref_g[k], rtol=1e-4, atol=1e-6)
 
 
+def test_terms_make_no_host_read():
+    """Meta tensors have no values, so a mask's bool(), nonzero() or boolean indexing raises."""
+    x, valid, nv = _inputs()
+    meta = {k: v.to("meta").requires_grad_(k in ("image", "text", "negatives")) for k, v in x.items()}
+    values = _ours(meta, valid.to("meta"), nv.to("meta"), torch.tensor(12.0, device="meta"))
+    sum(values).backward()
+    assert meta["image"].grad.device.type == "meta"
+
+
+def test_no_counted_sample_gives_zero_with_a_graph():
+    x, valid, nv = _inputs()
+    values, grads = _grads(_ours, x, torch.zeros_like(valid), nv)
+    assert all(v == 0 for v in values) and all(g is not None and not g.any() for g in grads.values())
+
+
 def _rank_fn(rank, world, sizes):
     x, valid, nv = _inputs(n=sum(sizes))
     rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))

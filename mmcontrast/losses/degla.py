@@ -15,7 +15,8 @@ from mmcontrast.losses.gather import share_of_global_mean
 
 
 def _global_mean(per_sample: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    return share_of_global_mean(per_sample[rows].sum(), rows.sum())
+    # where, not boolean indexing: no host read of the mask
+    return share_of_global_mean(torch.where(rows, per_sample, 0.0).sum(), rows.sum())
 
 
 def _own_negatives_ce(query, positive, negatives, logit_scale, rows, negatives_valid):

@@ -75,6 +75,5 @@ def share_of_global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> 
     total = local_count.detach().clone().to(local_sum.device)
     if world > 1:
         dist.all_reduce(total)
-    if total == 0:
-        return local_sum * 0.0
-    return local_sum * (world / total.to(local_sum.dtype))
+    # total == 0 leaves every rank's sum over nothing, 0: clamping gives 0 without a host read
+    return local_sum * (world / total.clamp(min=1).to(local_sum.dtype))
