@@ -35,6 +35,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class PhaseClock:
+    """mark(name) records the seconds since the previous mark (device work included)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.start = device, {}, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name], self.start = now - self.start, now
+
+
 def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
     """(step(), model, phases(), batch) for mmcontrast's train_step on its engine."""
     from mmcontrast.config import config_from_dict
@@ -78,15 +90,7 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
         train_step(engine, objective, on_device, 1, proceed=agreement)
 
     def phases() -> dict[str, float]:
-        times, start = {}, time.perf_counter()
-
-        def mark(name):
-            nonlocal start
-            synchronize(device)
-            now = time.perf_counter()
-            times[name] = now - start
-            start = now
-
+        mark = PhaseClock(device)
         outputs = engine(on_device)
         mark("forward")
         loss, _ = objective_loss(objective, outputs, on_device["present"])
@@ -96,7 +100,7 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
         mark("backward")
         engine.step()
         mark("optimizer")
-        return times
+        return mark.times
 
     return step, model.clip, phases, batch
 
@@ -146,15 +150,7 @@ def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.dev
         update()
 
     def phases() -> dict[str, float]:
-        times, start = {}, time.perf_counter()
-
-        def mark(name):
-            nonlocal start
-            synchronize(device)
-            now = time.perf_counter()
-            times[name] = now - start
-            start = now
-
+        mark = PhaseClock(device)
         optimizer.zero_grad()
         out = model(images, texts)
         mark("forward")
@@ -164,7 +160,7 @@ def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.dev
         mark("backward")
         update()
         mark("optimizer")
-        return times
+        return mark.times
 
     return step, phases
 
