@@ -1,6 +1,8 @@
 """The shard pipeline alone, mmcontrast's `make_loader` against open_clip_train's
 `get_wds_dataset`, on the same image-text JPEG shards with the same image transform and tokenizer,
-in interleaved rounds at each worker count. No model step: only decode, augment, tokenise, batch.
+in interleaved rounds at each worker count. No model step: only decode, augment, tokenise, batch,
+and for mmcontrast the image normalisation its trainer does after the loader (on the device there;
+here on the CPU, in the timed loop).
 
     python benchmarks/data_throughput.py                       # 224 px, 0/1/2 workers, batch 64
     python benchmarks/data_throughput.py --workers 0 2 --rounds 3 --out data.json
@@ -37,20 +39,29 @@ def transforms(size: int):
     return transform, open_clip.get_tokenizer("ViT-B-32")
 
 
-def measure(batches, count: int, batch_size: int) -> dict:
-    """Seconds to the first batch, then samples/s over `count` more."""
+def measure(batches, count: int, batch_size: int, finish=lambda batch: batch) -> dict:
+    """Seconds to the first batch, then samples/s over `count` more; `finish` is what the trainer
+    still does to a batch before the model reads it."""
     start = time.perf_counter()
-    next(batches)
+    finish(next(batches))
     first = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(count):
-        next(batches)
+        finish(next(batches))
     return {"first_batch_s": first, "samples_per_s": count * batch_size / (time.perf_counter() - start)}
 
 
 def ours(urls: str, fields: dict, workers: int, args, transform, tokenizer, index_dir: Path) -> dict:
+    import torch
+
     from mmcontrast.config import DataConfig
+    from mmcontrast.data.image import split_device_normalize
     from mmcontrast.data.pipeline import make_loader
+    from mmcontrast.train.loop import to_device
+
+    # as the trainer does: uint8 images from the workers, normalised where the model runs (here
+    # the CPU, in this process, so its cost is counted)
+    transform, normalize = split_device_normalize(transform)
 
     cfg = DataConfig(
         train=urls,
@@ -65,7 +76,12 @@ def ours(urls: str, fields: dict, workers: int, args, transform, tokenizer, inde
     )
     batches = iter(loader)
     try:
-        return measure(batches, args.batches, args.batch)
+        return measure(
+            batches,
+            args.batches,
+            args.batch,
+            lambda b: to_device(b, torch.device("cpu"), torch.float32, normalize),
+        )
     finally:
         del batches  # ends the worker processes before the other side starts
 

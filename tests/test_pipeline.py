@@ -411,3 +411,57 @@ def test_decode_audio_resamples_mixes_crops_and_pads():
     assert padded.shape == (300,) and padded[100:].abs().sum() == 0
     with pytest.raises(AudioDecodeError, match="cannot decode"):
         decode_audio(b"RIFF nonsense", 16000, 16000)
+
+
+# ---------------------------------------------------------------- uint8 images, normalised on the device
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_images_normalised_on_the_device_equal_the_float_pipeline(world, tok, workers):
+    """The trainer's loader stops open_clip's train transform at uint8 and normalises the batch in
+    to_device: bitwise the images of the full float transform (same seeded crops), in fp32 and
+    after the bf16 cast, with a quarter of the bytes through the workers."""
+    from mmcontrast.data.image import split_device_normalize
+    from mmcontrast.train.loop import to_device
+
+    out, _ = world
+    full = open_clip.image_transform(64, is_train=True)
+    stops_at_uint8, normalize = split_device_normalize(full)
+    assert normalize is not None
+    urls = f"{out}/train-{{000000..000005}}.tar"
+    c = cfg(workers=workers)
+    floats = take(iter(loader(urls, c, tok, full, train=True)), 3)
+    uint8s = take(iter(loader(urls, c, tok, stops_at_uint8, train=True)), 3)
+    for a, b in zip(floats, uint8s, strict=True):
+        assert a["__key__"] == b["__key__"]
+        assert a["image"].dtype == torch.float32 and b["image"].dtype == torch.uint8
+        for dtype in (torch.float32, torch.bfloat16):
+            want = to_device(a, torch.device("cpu"), dtype)["image"]
+            got = to_device(b, torch.device("cpu"), dtype, normalize)["image"]
+            assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="uint8 images but no normalisation"):
+        to_device(uint8s[0], torch.device("cpu"), torch.float32)
+
+
+def test_split_device_normalize_leaves_other_transforms_alone():
+    from torchvision import transforms as T
+
+    from mmcontrast.data.image import split_device_normalize
+
+    no_normalize = T.Compose([T.Resize(8), T.ToTensor()])
+    assert split_device_normalize(no_normalize) == (no_normalize, None)
+    plain = open_clip.image_transform(64, is_train=False).transforms[0]
+    assert split_device_normalize(plain) == (plain, None)
+
+
+def test_missing_image_zeros_keep_the_uint8_dtype(tmp_path, tok):
+    from mmcontrast.data.image import split_device_normalize
+
+    samples = demo_samples("s", 4)
+    del samples[2]["png"]
+    write_shard(tmp_path / "m.tar", samples)
+    stops_at_uint8, _ = split_device_normalize(open_clip.image_transform(64, is_train=False))
+    (b,) = list(loader(str(tmp_path / "m.tar"), cfg(), tok, stops_at_uint8, train=False))
+    assert b["image"].dtype == torch.uint8 and b["image"][2].abs().sum() == 0
+    assert b["present"]["image"].tolist() == [True, True, False, True]

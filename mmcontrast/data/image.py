@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision.transforms import Compose, Normalize, ToTensor
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
 _DEEP_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -87,3 +90,47 @@ def _value_range(mode: str, values: np.ndarray) -> tuple[float, float]:
             if high <= full:
                 return 0.0, full
     return low, high
+
+
+class DeviceNormalize:
+    """The float conversion and Normalize of an image transform, applied to a whole uint8 batch
+    where it is used (on the GPU), so workers, pinned memory and the copy carry a quarter of the
+    bytes. The same operations as ToTensor then Normalize, so the result is bitwise the same.
+    """
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(b, 3, H, W) uint8 on any device -> (b, 3, H, W) float32, normalised."""
+        if images.dtype != torch.uint8:
+            raise TypeError(f"DeviceNormalize takes uint8 images, got {images.dtype}")
+        if images.device not in self._constants:  # made once per device: no copy per step
+            self._constants[images.device] = tuple(
+                torch.tensor(v, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+                for v in (self.mean, self.std)
+            )
+        mean, std = self._constants[images.device]
+        return images.float().div_(255).sub_(mean).div_(std)
+
+
+def _pil_to_uint8_chw(image: Image.Image) -> torch.Tensor:
+    if not isinstance(image, Image.Image) or image.mode != "RGB":
+        raise ValueError(f"expected an RGB PIL image before the uint8 conversion, got {image!r}")
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
+
+
+def split_device_normalize(transform: Callable) -> tuple[Callable, DeviceNormalize | None]:
+    """(transform up to uint8 CHW, the normalisation left for the device) when `transform` is a
+    torchvision Compose ending in ToTensor and Normalize, as open_clip's are; else
+    (transform, None), and images stay float as the transform makes them."""
+    steps = list(getattr(transform, "transforms", []))
+    if (
+        not isinstance(transform, Compose)
+        or len(steps) < 2
+        or not isinstance(steps[-2], ToTensor)
+        or type(steps[-1]) is not Normalize
+    ):
+        return transform, None
+    return Compose([*steps[:-2], _pil_to_uint8_chw]), DeviceNormalize(steps[-1].mean, steps[-1].std)

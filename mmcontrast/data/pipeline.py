@@ -11,7 +11,7 @@ Iteration
     train=False: each `iter()` is one fixed-order pass over the data (no shuffle, partial batches
                  kept); `loader.skipped` then holds that pass's counts.
 
-Batch: {"image": (b,3,H,W) float, "text": (b,L) long, "audio": (b,T) float,
+Batch: {"image": (b,3,H,W) float (uint8 with a transform from data/image.py's split_device_normalize), "text": (b,L) long, "audio": (b,T) float,
         "present": {m: (b,) bool}, "__key__": [str], "__url__": [str], "meta": [dict | None],
         "skipped": {reason: n}, "skipped_keys": [str], "position": {...}}
 with only the modalities of cfg.fields. Text comes from the first entry of data.fields.text that
@@ -320,7 +320,7 @@ class _RoleStream(IterableDataset):
         self.epoch, self.rotation = 0, 0
         self.offsets, self.done = [0] * roles, [False] * roles
         self.carry: list | None = None  # per role, after an elastic resume: see ShardLoader.continue_layout
-        self._image_shape: tuple | None = None
+        self._image_like: torch.Tensor | None = None  # shape and dtype of a missing image's zeros
 
     # -- which shards a role reads
 
@@ -410,7 +410,8 @@ class _RoleStream(IterableDataset):
                 out["image"] = self._transform_image(image, role, index)
             except Exception:
                 return None, "bad_image"
-            self._image_shape = tuple(out["image"].shape)
+            if self._image_like is None:
+                self._image_like = torch.zeros_like(out["image"])
         if fields.get("audio"):
             gen = None
             if self.train:
@@ -474,19 +475,25 @@ class _RoleStream(IterableDataset):
     def _transform_image(self, image: Image.Image, role: int, index: int) -> torch.Tensor:
         if not self.train:
             return self.image_transform(image)
-        # Augmentations draw from torch's global RNG: seed it per sample (in a forked state) so a
-        # resumed run replays the same crops whatever the worker's RNG history.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed_int(self.seed, self.epoch, self.rank, role, index, "image"))
+        # Augmentations draw from torch's global CPU generator: seed it per sample (and restore it
+        # after) so a resumed run replays the same crops whatever the worker's RNG history. Only the
+        # CPU generator: torch.manual_seed also queues a CUDA seed with a captured stack trace,
+        # which cost a fifth of the pipeline's time per sample.
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(_seed_int(self.seed, self.epoch, self.rank, role, index, "image"))
+        try:
             return self.image_transform(image)
+        finally:
+            generator.set_state(state)
 
     def _zeros(self, modality: str) -> torch.Tensor:
         if modality == "audio":
             return torch.zeros(self.num_samples)
         if modality == "image":
-            if self._image_shape is None:  # no image decoded yet in this worker: ask the transform
-                self._image_shape = tuple(self.image_transform(Image.new("RGB", (224, 224))).shape)
-            return torch.zeros(self._image_shape)
+            if self._image_like is None:  # no image decoded yet in this worker: ask the transform
+                self._image_like = self.image_transform(Image.new("RGB", (224, 224)))
+            return torch.zeros_like(self._image_like)
         return torch.zeros_like(self.tokenizer([""])[0])
 
     def collate(self, samples: list[dict]) -> dict:

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from mmcontrast import faults
 from mmcontrast.config import Config
+from mmcontrast.data.image import DeviceNormalize, split_device_normalize
 from mmcontrast.data.pipeline import check_shard_urls, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
@@ -51,13 +52,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(batch: dict, device, float_dtype) -> dict:
+def to_device(batch: dict, device, float_dtype, normalize_images: DeviceNormalize | None = None) -> dict:
     """Move tensors to the engine's device; floating inputs take the engine's dtype (bf16 runs),
-    except the audio waveform, which the mel frontend reads in float32. Pinned tensors (the
-    DataLoader pins on a GPU machine) are copied without waiting."""
+    except the audio waveform, which the mel frontend reads in float32. uint8 images (the
+    loader's transform stopped before ToTensor and Normalize) are normalised here, on the device,
+    by `normalize_images`. Pinned tensors (the DataLoader pins on a GPU machine) are copied
+    without waiting."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
+            if key == "image" and value.dtype == torch.uint8:
+                if normalize_images is None:
+                    raise ValueError("the batch holds uint8 images but no normalisation was given for them")
+                value = normalize_images(value.to(device, non_blocking=True))
             cast = value.is_floating_point() and key != "audio"
             value = value.to(device, dtype=float_dtype if cast else None, non_blocking=True)
             if value.ndim == 4 and value.is_floating_point():  # images: NHWC convolutions are faster
@@ -280,10 +287,12 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                 saved_layout[0]["epoch"],
             )
 
+    # workers hand over uint8 images; the float conversion and normalisation run on the device
+    image_transform, normalize_images = split_device_normalize(model.train_transform)
     loader = make_loader(
         cfg.data.train,
         cfg.data,
-        image_transform=model.train_transform,
+        image_transform=image_transform,
         tokenizer=model.tokenizer,
         train=True,
         seed=cfg.run.seed,
@@ -318,7 +327,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
 
     # ---- loop
     while step < cfg.train.steps:
-        batch = to_device(next(batches), engine.device, float_dtype)
+        batch = to_device(next(batches), engine.device, float_dtype, normalize_images)
         buffers.save()
         faults.set_step(step + 1)
         faults.record_keys(batch)
