@@ -53,9 +53,8 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
     from mmcontrast.losses import Objective
     from mmcontrast.model.multimodal import build_model
     from mmcontrast.train.engine import build_engine, init_distributed
-    from mmcontrast.train.guard import StepAgreement
     from mmcontrast.train.loop import objective_loss, to_device, train_step
-    from mmcontrast.train.preemption import StopRequest
+    from mmcontrast.train.preemption import StopAgreement, StopRequest
 
     cfg = config_from_dict(
         {
@@ -72,7 +71,7 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
     model = build_model(cfg.model, cfg.modalities)
     objective = Objective.from_config(cfg.loss, cfg.modalities)
     engine = build_engine(model, cfg)
-    agreement = StepAgreement(StopRequest())
+    agreement = StopAgreement(StopRequest(), engine.device)  # as the loop polls it every step
     size = clip_cfg["vision_cfg"]["image_size"]
     context = clip_cfg["text_cfg"].get("context_length", 77)
     generator = torch.Generator().manual_seed(1)
@@ -87,18 +86,19 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
     on_device = to_device(batch, engine.device, torch.float32)
 
     def step():
-        train_step(engine, objective, on_device, 1, proceed=agreement)
+        train_step(engine, objective, on_device, 1)
+        agreement.poll()
 
     def phases() -> dict[str, float]:
         mark = PhaseClock(device)
         outputs = engine(on_device)
         mark("forward")
         loss, _ = objective_loss(objective, outputs, on_device["present"])
-        agreement(loss)
         mark("loss")
         engine.backward(loss)
         mark("backward")
         engine.step()
+        agreement.poll()
         mark("optimizer")
         return mark.times
 

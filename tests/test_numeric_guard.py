@@ -12,21 +12,36 @@ import torch
 from safetensors.torch import load_file
 
 from mmcontrast.faults import NONFINITE_ENV, InjectedFault
-from mmcontrast.train.guard import FiniteGuardedAdamW, NonFiniteCounter, NonFiniteError, agree_on_step
+from mmcontrast.train.guard import FiniteGuardedAdamW, NonFiniteCounter, NonFiniteError
 from mmcontrast.train.metrics import drop_records_after
 from tests.distributed import run_ranks
 
 
-def _agree(rank, world, losses):
-    return agree_on_step(torch.tensor(losses[rank]), None)
+def _step_with_a_loss(rank, world, losses):
+    """One stage-0 step as DeepSpeed runs it: backward, gradients all-reduced, the guarded step."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in layer.parameters()]
+    opt = FiniteGuardedAdamW(layer.parameters(), lr=0.1)
+    loss = layer(torch.ones(4, 3)).square().mean() * losses[rank]
+    loss.backward()
+    for p in layer.parameters():
+        dist.all_reduce(p.grad)
+    opt.step()
+    unchanged = all(torch.equal(a, p) for a, p in zip(before, layer.parameters(), strict=True))
+    return [opt.overflow, unchanged]
 
 
 @pytest.mark.parametrize(
-    ("losses", "expected"),
+    ("losses", "skipped"),
     [([1.0, 2.0], False), ([1.0, float("nan")], True), ([float("-inf"), 2.0], True)],
 )
-def test_every_rank_learns_of_a_non_finite_loss_on_any_rank(losses, expected):
-    assert run_ranks(2, _agree, losses) == [(expected, False), (expected, False)]
+def test_a_non_finite_loss_on_any_rank_skips_the_step_on_every_rank(losses, skipped):
+    """The chain rule carries the loss's NaN/inf into the gradients, whose reduction reaches
+    every rank: the loss needs no check (and no host read) of its own before the backward."""
+    assert run_ranks(2, _step_with_a_loss, losses) == [[skipped, skipped], [skipped, skipped]]
 
 
 def test_guarded_adamw_skips_a_step_with_non_finite_gradients():
@@ -163,7 +178,7 @@ def _records(run):
     [
         ("grad:3,4", 1, []),  # fp32 stage 0: FiniteGuardedAdamW
         ("grad:3,4", 1, ["train.precision=bf16", "train.zero_stage=1"]),  # DeepSpeed's own check
-        # only rank 1's loss, under ZeRO-2 and GradCache: both ranks skip, declining the backward
+        # only rank 1's loss, under ZeRO-2 and GradCache: its NaN reaches the reduced gradients, so both ranks skip
         ("loss:3,4@1", 2, ["train.zero_stage=2", "train.accumulation=2"]),
     ],
     ids=["grad-fp32-stage0", "grad-bf16-zero1", "loss-one-rank-of-two-zero2-gradcache"],

@@ -8,22 +8,19 @@ import signal
 
 import torch
 
-from mmcontrast.train.guard import agree_on_step
-from mmcontrast.train.preemption import MARKER, StopRequest, clear_marker, write_marker
+from mmcontrast.train.preemption import MARKER, StopAgreement, StopRequest, clear_marker, write_marker
 from tests.distributed import run_ranks
-
-
-def _stop_agreed(stop) -> bool:
-    return agree_on_step(torch.tensor(1.0), stop.signal)[1]
 
 
 def _agree_after_signal(rank, world, signalled_rank, signum):
     stop = StopRequest()
+    agreement = StopAgreement(stop, torch.device("cpu"))
     try:
-        before = _stop_agreed(stop)
+        polls = [agreement.poll()]  # step 1
         if rank == signalled_rank:
-            os.kill(os.getpid(), signum)
-        after = _stop_agreed(stop)
+            os.kill(os.getpid(), signum)  # during step 2
+        polls += [agreement.poll(), agreement.poll()]  # steps 2 and 3
+        agreement.close()
         # a forked child (as a data-loader worker) inherits the handler but must not react
         seen = stop.signal
         pid = os.fork()
@@ -31,7 +28,7 @@ def _agree_after_signal(rank, world, signalled_rank, signum):
             os.kill(os.getpid(), signal.SIGUSR1)
             os._exit(0 if stop.signal == seen else 3)
         child_ignored = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-        return [before, after, stop.signal, child_ignored]
+        return [polls, stop.signal, child_ignored]
     finally:
         stop.close()
 
@@ -39,9 +36,10 @@ def _agree_after_signal(rank, world, signalled_rank, signum):
 def test_a_signal_on_one_rank_stops_every_rank():
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         results = run_ranks(2, _agree_after_signal, 1, int(signum))
-        assert [r[:2] for r in results] == [[False, True], [False, True]]
-        assert results[0][2] is None and results[1][2] == signum  # only rank 1 saw it
-        assert results[0][3] and results[1][3]
+        # read one step later on every rank, so all stop after step 3
+        assert [r[0] for r in results] == [[False, False, True], [False, False, True]]
+        assert results[0][1] is None and results[1][1] == signum  # only rank 1 saw it
+        assert results[0][2] and results[1][2]
 
 
 def test_handlers_are_restored_on_close():

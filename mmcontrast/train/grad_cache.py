@@ -118,15 +118,13 @@ def grad_cache_step(
     pieces: int,
     backward,
     model: nn.Module | None = None,
-    proceed=None,
 ):
     """Loss and parameter gradients of the whole batch, encoded in `pieces` micro-batches.
 
     forward(micro_batch) -> outputs dict (embeddings (b, d), "text_negatives" (b, k, d),
     "caption" (nll_sum, tokens), "logit_scale" ()); compute_loss(outputs) -> (loss, parts) on
     the merged outputs; backward(surrogate) is called once per micro-batch (e.g.
-    engine.backward without gradient-accumulation scaling). proceed(loss) -> bool, if given,
-    may decline the backward passes (e.g. a non-finite loss). Returns (loss, parts), detached.
+    engine.backward without gradient-accumulation scaling). Returns (loss, parts), detached.
     """
     micro = split_batch(batch, pieces)
     states, cached = [], []
@@ -139,8 +137,6 @@ def grad_cache_step(
     loss, parts = compute_loss(merge_outputs(leaves))
     # after the loss's own draws (Symile permutations, MoCHi mixing), so the next step's differ
     after = RngState()
-    if proceed is not None and not proceed(loss):
-        return loss.detach(), {k: v.detach() for k, v in parts.items()}
     keyed = {(i, name): leaf for i, out in enumerate(leaves) for name, leaf in _flat(out)}
     grads = dict(zip(keyed, torch.autograd.grad(loss, list(keyed.values()), allow_unused=True), strict=True))
 

@@ -1,11 +1,11 @@
 """Numeric guard: a step whose loss or gradients are not finite changes no weight.
 
-Two checks, both agreed by every rank, so all ranks skip the same steps:
-- the loss, before backward: one all-reduce per step that also carries the stop flag
-  (preemption.StopRequest), so the guard adds no collective of its own;
-- the gradients, at the optimizer step: DeepSpeed's bf16 and ZeRO optimizers already detect a
-  non-finite gradient norm and skip their step (`engine.was_step_applied()`); the plain fp32
-  stage-0 path steps a torch optimizer that would not, so it gets `FiniteGuardedAdamW`.
+One check, at the optimizer step, agreed by every rank because the gradients are reduced
+across ranks before it: a non-finite loss on any rank gives non-finite gradients (the chain rule
+carries the NaN), so checking the gradients covers the loss too, and the step needs no host read
+between forward and backward. DeepSpeed's bf16 and ZeRO optimizers already detect a non-finite
+gradient norm and skip their step (`engine.was_step_applied()`); the plain fp32 stage-0 path
+steps a torch optimizer that would not, so it gets `FiniteGuardedAdamW`.
 A skipped step also leaves the buffers (BatchNorm statistics) as they were (`BufferSnapshot`).
 Skipped steps are counted (`nonfinite_steps`), the batch's sample keys are logged, and after
 `train.max_nonfinite_steps` in a row the run stops with `NonFiniteError`, writing no checkpoint.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger("mmcontrast.train")
 
@@ -74,32 +73,6 @@ class BufferSnapshot:
         if self.buffers:
             with torch.no_grad():
                 torch._foreach_copy_(self.buffers, self.saved)
-
-
-def agree_on_step(loss: torch.Tensor, stop_signal: int | None) -> tuple[bool, bool]:
-    """Collective, one all-reduce on the loss's device: (non-finite loss on some rank, stop
-    signal on some rank)."""
-    local = torch.stack(
-        [
-            (~torch.isfinite(loss.detach())).any().to(torch.int32),
-            torch.tensor(int(stop_signal is not None), dtype=torch.int32, device=loss.device),
-        ]
-    )
-    dist.all_reduce(local, op=dist.ReduceOp.MAX)
-    nonfinite, stopping = local.tolist()
-    return bool(nonfinite), bool(stopping)
-
-
-class StepAgreement:
-    """`proceed(loss)` for train_step: the step's one all-reduce, remembered for the loop."""
-
-    def __init__(self, stop):
-        self.stop = stop  # preemption.StopRequest
-        self.nonfinite = self.stopping = False
-
-    def __call__(self, loss: torch.Tensor) -> bool:
-        self.nonfinite, self.stopping = agree_on_step(loss, self.stop.signal)
-        return not self.nonfinite
 
 
 class NonFiniteCounter:

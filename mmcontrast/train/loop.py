@@ -37,9 +37,9 @@ from mmcontrast.train.engine import (
     init_distributed,
 )
 from mmcontrast.train.grad_cache import grad_cache_step
-from mmcontrast.train.guard import BufferSnapshot, NonFiniteCounter, StepAgreement
+from mmcontrast.train.guard import BufferSnapshot, NonFiniteCounter
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
-from mmcontrast.train.preemption import StopRequest, clear_marker, write_marker
+from mmcontrast.train.preemption import StopAgreement, StopRequest, clear_marker, write_marker
 from mmcontrast.train.resume import check_resume, write_run_config
 from mmcontrast.train.teacher import EmaTeacher
 
@@ -91,20 +91,18 @@ def train_step(
     batch: dict,
     micro_batches: int,
     teacher=None,
-    proceed=None,
     loss_hook=None,
     precision: str = "fp32",
 ):
     """One optimizer step on the batch; several micro-batches go through GradCache.
 
-    proceed(loss) -> bool is called once the loss is known, before any backward (a collective:
-    the guard and stop flag); False skips backward and step. loss_hook(loss) -> loss is a test
-    hook. precision "amp_bf16" runs the forwards under bf16 autocast (the losses and backward
-    outside it). Returns (loss, parts, applied): applied is False when the step changed no
-    weight (a declined or non-finite loss, or gradients DeepSpeed's optimizer found non-finite).
+    loss_hook(loss) -> loss is a test hook. precision "amp_bf16" runs the forwards under bf16
+    autocast (the losses and backward outside it). Returns (loss, parts, applied): applied is
+    False when the optimizer found non-finite gradients on some rank and skipped the step (a
+    non-finite loss gets there through the chain rule; see guard.py), so no host read happens
+    between forward and backward.
     """
     teacher_outputs = teacher(batch) if teacher is not None else None  # eval mode: draws no RNG
-    declined = False
 
     def forward(piece):
         with forward_context(precision, engine.device):
@@ -114,15 +112,8 @@ def train_step(
         loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs)
         return (loss_hook(loss) if loss_hook is not None else loss), parts
 
-    def go_on(loss) -> bool:
-        nonlocal declined
-        declined = proceed is not None and not proceed(loss)
-        return not declined
-
     if micro_batches == 1:
         loss, parts = compute_loss(forward(batch))
-        if not go_on(loss):
-            return loss.detach(), parts, False
         engine.backward(loss)
         engine.step()
         return loss.detach(), parts, engine.was_step_applied()
@@ -138,9 +129,14 @@ def train_step(
         micro_batches,
         backward,
         model=engine.module,
-        proceed=go_on,
     )
-    return loss, parts, not declined and engine.was_step_applied()
+    return loss, parts, engine.was_step_applied()
+
+
+def nonfinite_reason(loss: torch.Tensor) -> str:
+    """What the skipped-step warning says: the gradients, and this rank's loss (NaN when it was
+    this rank's loss that made them non-finite)."""
+    return f"non-finite gradients (this rank's loss {loss.detach().float().mean().item():.4g})"
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:
@@ -323,7 +319,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         nonfinite.load_state_dict(state["nonfinite"])
     fault = faults.InjectedFault.from_env(rank)  # test hooks, inactive without their variables
     buffers = BufferSnapshot(engine.module)
-    agreement = StepAgreement(stop)  # a non-finite loss or a stop signal on any rank
+    agreement = StopAgreement(stop, engine.device)  # a stop signal on any rank, one step later
 
     # ---- loop
     while step < cfg.train.steps:
@@ -337,19 +333,14 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             batch,
             cfg.train.accumulation,
             teacher,
-            proceed=agreement,
             loss_hook=lambda loss, s=step + 1: fault(loss, s),
             precision=cfg.train.precision,
         )
         step += 1
         if not applied:
             buffers.restore()
-        nonfinite.record(
-            step,
-            applied,
-            batch["__key__"],
-            "non-finite loss" if agreement.nonfinite else "non-finite gradients",
-        )
+        reason = "" if applied else nonfinite_reason(loss)  # a host read on skipped steps only
+        nonfinite.record(step, applied, batch["__key__"], reason)
         if teacher is not None and applied:
             teacher.update(engine.module)
         faults.kill_point("step")
@@ -384,7 +375,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             metrics.log({"step": step, **{f"val/{k}": v for k, v in evaluation.items()}})
 
         due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-        stopping = agreement.stopping  # SIGUSR1/SIGTERM/SIGINT on any rank: checkpoint now and leave
+        stopping = agreement.poll()  # SIGUSR1/SIGTERM/SIGINT on any rank: checkpoint now and leave
         if due or stopping or step == cfg.train.steps:
             save_checkpoint(
                 engine,
@@ -396,6 +387,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             )
             nonfinite.last_checkpoint = step
         if stopping and step < cfg.train.steps:
+            agreement.close()
             if rank == 0:
                 write_marker(run_dir, step, stop.signal)
                 log.warning("stopped at step %d with a checkpoint; --resume continues from it", step)
@@ -405,6 +397,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             return {"step": step, "stopped": True}
 
     # ---- evaluate and finish
+    agreement.close()
     bar.close()
     skipped = skipped_over_ranks(loader, with_keys=True)
     result = {"step": step, "skipped": skipped}

@@ -2,8 +2,9 @@
 
 SLURM sends SIGUSR1 before the time limit (`#SBATCH --signal`) and SIGTERM on preemption or
 cancel; Ctrl-C sends SIGINT (a second one stops at once). Ranks may see a signal at different
-steps, so they agree through the all-reduce each step makes anyway (guard.agree_on_step, with the
-loss check); every rank then stops after the same step. Data-loader workers ignore these signals (pipeline.workers_ignore_stop_signals).
+steps, so they agree through `StopAgreement`: an asynchronous all-reduce per step whose result is
+read one step later, so the step never waits for it; every rank then stops after the same step.
+Data-loader workers ignore these signals (pipeline.workers_ignore_stop_signals).
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import logging
 import os
 import signal
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 log = logging.getLogger("mmcontrast.train")
 
@@ -44,6 +48,46 @@ class StopRequest:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class StopAgreement:
+    """`poll()` once per step, on every rank: True when some rank had a stop signal at the
+    previous poll. Each poll reads the all-reduce the previous one started (long finished by then)
+    and starts the next, so the step neither blocks on a collective nor syncs the device: on a
+    GPU the flag reaches pinned host memory through a non-blocking copy queued behind the
+    all-reduce, and only that copy's event is waited on. `close()` waits for the last one."""
+
+    def __init__(self, stop: StopRequest, device: torch.device):
+        self.stop = stop
+        self.on_gpu = device.type == "cuda"
+        self.flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self.host = torch.zeros(1, dtype=torch.int32, pin_memory=self.on_gpu)
+        self.work = self.copied = None
+
+    def poll(self) -> bool:
+        agreed = self._read()
+        self.flag.fill_(int(self.stop.signal is not None))
+        self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        if self.on_gpu:
+            self.work.wait()  # the current stream waits for the collective; the host does not
+            self.host.copy_(self.flag, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        return agreed
+
+    def _read(self) -> bool:
+        if self.work is None:
+            return False
+        if self.on_gpu:
+            self.copied.synchronize()
+        else:
+            self.work.wait()
+            self.host.copy_(self.flag)
+        self.work = None
+        return bool(self.host[0])
+
+    def close(self) -> None:
+        self._read()
 
 
 def write_marker(run_dir, step: int, signum: int | None) -> None:
