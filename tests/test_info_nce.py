@@ -91,7 +91,20 @@ def _batch(n):
     return x, present
 
 
-def _loss_and_grads(rank, world, sizes):
+def _counting_collectives(calls: dict) -> None:
+    import torch.distributed as dist
+
+    for name in ("all_gather", "all_reduce"):
+        original = getattr(dist, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+
+
+def _loss_and_grads(rank, world, sizes, equal_rows=False):
     x, present = _batch(sum(sizes))
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     x = {m: v[lo:hi] for m, v in x.items()}
@@ -100,20 +113,38 @@ def _loss_and_grads(rank, world, sizes):
     objective = Objective.from_config(
         type("L", (), {"terms": [TermConfig(pairs="all")]})(), ["image", "text", "audio"]
     )
-    loss, _ = objective(model(x), present, model.logit_scale.exp())
+    embeddings = model(x)
+    calls = {}
+    _counting_collectives(calls)
+    loss, _ = objective(embeddings, present, model.logit_scale.exp(), equal_rows=equal_rows)
+    forward_calls = dict(calls)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    backward_calls = {k: v - forward_calls.get(k, 0) for k, v in calls.items() if v > forward_calls.get(k, 0)}
+    return (
+        loss.item(),
+        {n: p.grad.clone() for n, p in model.named_parameters()},
+        forward_calls,
+        backward_calls,
+    )
 
 
-@pytest.mark.parametrize("sizes", [(4, 4), (3, 6)])
-def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(sizes):
-    single_loss, single_grads = _loss_and_grads(0, 1, (sum(sizes),))
-    ranks = run_ranks(2, _loss_and_grads, sizes)
+@pytest.mark.parametrize(
+    ("sizes", "equal_rows", "gathers"),
+    # three pairs over three modalities: each modality's embeddings gathered once (3), each
+    # pair's mask (3), and the row counts exchanged once, or not at all for equal batches
+    [((4, 4), True, 6), ((4, 4), False, 7), ((3, 6), False, 7)],
+)
+def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(sizes, equal_rows, gathers):
+    single_loss, single_grads, _, _ = _loss_and_grads(0, 1, (sum(sizes),))
+    ranks = run_ranks(2, _loss_and_grads, sizes, equal_rows)
     mean_loss = sum(r[0] for r in ranks) / 2  # what data-parallel averaging sees
     assert abs(mean_loss - single_loss) < 1e-5
     for name, grad in single_grads.items():
         averaged = sum(r[1][name] for r in ranks) / 2
         torch.testing.assert_close(averaged, grad, atol=1e-5, rtol=0)
+    for _, _, forward_calls, backward_calls in ranks:
+        assert forward_calls.get("all_gather") == gathers
+        assert backward_calls == {"all_reduce": 3}  # one gradient reduction per modality
 
 
 def test_pair_specs():

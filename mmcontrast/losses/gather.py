@@ -3,6 +3,10 @@
 Ranks may hold different numbers of rows. Backward sums each rank's gradient for the gathered
 tensor (all_reduce) and hands every rank the slice of its own rows, so a key's gradient reaches
 the rank that computed it.
+
+Inside a `GatherScope` (the Objective opens one per call) a tensor that several terms or pairs
+gather is gathered once, so its gradient is reduced once too, and row counts are exchanged once
+per size, or not at all when the caller knows every rank holds the same rows (training batches).
 """
 
 from __future__ import annotations
@@ -16,6 +20,42 @@ def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+class GatherScope:
+    """Context manager: memoises gather_rows within one objective call. equal_rows=True says
+    every rank's tensors have this rank's number of rows (the trainer's full batches), so no
+    size is exchanged and no host read is made for it."""
+
+    def __init__(self, equal_rows: bool = False):
+        self.equal_rows = equal_rows
+        self.gathered: dict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, int]]] = {}
+        self.counts: dict[tuple, list[int]] = {}
+        self._outer = None
+
+    def __enter__(self) -> GatherScope:
+        global _scope
+        self._outer, _scope = _scope, self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _scope
+        _scope = self._outer
+        self.gathered.clear()
+
+
+_scope: GatherScope | None = None
+
+
+def _counts(n: int, device) -> list[int]:
+    if _scope is None:
+        return _row_counts(n, device)
+    if _scope.equal_rows:
+        return [n] * dist.get_world_size()
+    key = (n, str(device))
+    if key not in _scope.counts:
+        _scope.counts[key] = _row_counts(n, device)
+    return _scope.counts[key]
 
 
 def _row_counts(n: int, device) -> list[int]:
@@ -51,11 +91,19 @@ def gather_rows(x: torch.Tensor, *, with_grad: bool = True) -> tuple[torch.Tenso
     rank, world = world_info()
     if world == 1:
         return x, 0
-    counts = _row_counts(x.shape[0], x.device)
+    with_grad = with_grad and x.requires_grad
+    key = (id(x), x._version, with_grad)
+    if _scope is not None and key in _scope.gathered:
+        return _scope.gathered[key][1]
+    counts = _counts(x.shape[0], x.device)
     offset = sum(counts[:rank])
-    if with_grad and x.requires_grad:
-        return _GatherRows.apply(x, counts, offset), offset
-    return _all_gather_rows(x.detach(), counts), offset
+    if with_grad:
+        result = _GatherRows.apply(x, counts, offset), offset
+    else:
+        result = _all_gather_rows(x.detach(), counts), offset
+    if _scope is not None:
+        _scope.gathered[key] = (x, result)  # holding x keeps its id from being reused
+    return result
 
 
 def global_valid(

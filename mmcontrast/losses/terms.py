@@ -6,6 +6,7 @@ import torch
 
 from mmcontrast.losses.caption import caption_loss
 from mmcontrast.losses.degla import distillation, image_grounded_contrast, text_grounded_contrast
+from mmcontrast.losses.gather import GatherScope
 from mmcontrast.losses.gram import gram_loss
 from mmcontrast.losses.hard_negatives import hard_negative_mixing, hard_negative_nce, negclip
 from mmcontrast.losses.info_nce import info_nce
@@ -83,13 +84,17 @@ class Objective:
             built.append((t.name, t.weight, {f"{a}-{b}": w for a, b, w in pairs}, term))
         return cls(built)
 
-    def __call__(self, embeddings, present, logit_scale, logit_bias=None):
+    def __call__(self, embeddings, present, logit_scale, logit_bias=None, *, equal_rows: bool = False):
+        """equal_rows: every rank holds as many samples as this one (the trainer's full batches),
+        so the gathers exchange no sizes. Each modality is gathered once, whatever number of
+        terms and pairs use it."""
         total, logged = 0.0, {}
-        for name, weight, pair_weights, term in self.terms:
-            part_weights = getattr(term, "part_weights", {})
-            for part, value in term(embeddings, present, logit_scale, logit_bias).items():
-                total = total + weight * pair_weights.get(part, 1.0) * part_weights.get(part, 1.0) * value
-                logged[f"{name}/{part}"] = value.detach()
+        with GatherScope(equal_rows=equal_rows):
+            for name, weight, pair_weights, term in self.terms:
+                part_weights = getattr(term, "part_weights", {})
+                for part, value in term(embeddings, present, logit_scale, logit_bias).items():
+                    total = total + weight * pair_weights.get(part, 1.0) * part_weights.get(part, 1.0) * value
+                    logged[f"{name}/{part}"] = value.detach()
         return total, logged
 
 

@@ -75,13 +75,14 @@ def to_device(batch: dict, device, float_dtype, normalize_images: DeviceNormaliz
     return out
 
 
-def objective_loss(objective, outputs: dict, present: dict, teacher_outputs=None):
-    """(loss, logged parts) of the model's outputs; the parts include the logit scale."""
+def objective_loss(objective, outputs: dict, present: dict, teacher_outputs=None, equal_rows=False):
+    """(loss, logged parts) of the model's outputs; the parts include the logit scale.
+    equal_rows: every rank's batch has as many samples as this one's (see Objective)."""
     outputs = dict(outputs)
     scale, bias = outputs.pop("logit_scale"), outputs.pop("logit_bias", None)
     if teacher_outputs is not None:
         outputs["teacher"] = teacher_outputs
-    loss, parts = objective(outputs, present, scale, bias)
+    loss, parts = objective(outputs, present, scale, bias, equal_rows=equal_rows)
     return loss, {**parts, "logit_scale": scale.detach()}
 
 
@@ -109,7 +110,8 @@ def train_step(
             return engine(piece, **objective.forward_kwargs)
 
     def compute_loss(outputs):
-        loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs)
+        # training batches are full on every rank (the loader drops partial ones): no size exchange
+        loss, parts = objective_loss(objective, outputs, batch["present"], teacher_outputs, equal_rows=True)
         return (loss_hook(loss) if loss_hook is not None else loss), parts
 
     if micro_batches == 1:
