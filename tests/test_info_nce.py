@@ -94,7 +94,7 @@ def _batch(n):
 def _counting_collectives(calls: dict) -> None:
     import torch.distributed as dist
 
-    for name in ("all_gather", "all_reduce"):
+    for name in ("all_gather", "all_reduce", "reduce_scatter_tensor"):
         original = getattr(dist, name)
 
         def counted(*args, _original=original, _name=name, **kwargs):
@@ -144,7 +144,7 @@ def test_two_gloo_ranks_equal_one_process_on_concatenated_batch(sizes, equal_row
         torch.testing.assert_close(averaged, grad, atol=1e-5, rtol=0)
     for _, _, forward_calls, backward_calls in ranks:
         assert forward_calls.get("all_gather") == gathers
-        assert backward_calls == {"all_reduce": 3}  # one gradient reduction per modality
+        assert backward_calls == {"reduce_scatter_tensor": 3}  # one gradient reduction per modality
 
 
 def test_pair_specs():

@@ -1,8 +1,8 @@
 """The one place distribution enters the losses: gather every rank's rows, with gradients.
 
-Ranks may hold different numbers of rows. Backward sums each rank's gradient for the gathered
-tensor (all_reduce) and hands every rank the slice of its own rows, so a key's gradient reaches
-the rank that computed it.
+Ranks may hold different numbers of rows. Backward sums every rank's gradient for the gathered
+tensor and hands each rank the sum for its own rows (one reduce-scatter), so a key's gradient
+reaches the rank that computed it.
 
 Inside a `GatherScope` (the Objective opens one per call) a tensor that several terms or pairs
 gather is gathered once, so its gradient is reduced once too, and row counts are exchanged once
@@ -76,14 +76,24 @@ def _all_gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
 class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, offset):
-        ctx.offset, ctx.n = offset, x.shape[0]
+        ctx.counts, ctx.n = counts, x.shape[0]
         return _all_gather_rows(x, counts)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.offset : ctx.offset + ctx.n], None, None
+        # reduce-scatter: each rank receives only the summed gradient of its own rows
+        counts, longest = ctx.counts, max(ctx.counts)
+        if all(c == longest for c in counts):
+            padded = grad.contiguous()
+        else:
+            padded = grad.new_zeros((len(counts) * longest, *grad.shape[1:]))
+            start = 0
+            for r, c in enumerate(counts):
+                padded[r * longest : r * longest + c] = grad[start : start + c]
+                start += c
+        mine = grad.new_empty((longest, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(mine, padded, op=dist.ReduceOp.SUM)
+        return mine[: ctx.n], None, None
 
 
 def gather_rows(x: torch.Tensor, *, with_grad: bool = True) -> tuple[torch.Tensor, int]:
