@@ -151,3 +151,19 @@ def test_activation_checkpointing_reaches_open_clip_and_timm_towers(repo_root):
     assert model.clip.visual.transformer.grad_checkpointing
     assert model.clip.transformer.grad_checkpointing
     assert model.towers["audio"].backbone.grad_checkpointing
+
+
+@pytest.mark.parametrize(
+    ("preset", "ranks_here"), [("zero3", "1"), ("zero3-offload", "1"), ("zero3-offload", "4")]
+)
+def test_an_offloaded_optimizer_gets_the_ranks_share_of_the_cpus(repo_root, monkeypatch, preset, ranks_here):
+    """torchrun starts ranks with OMP_NUM_THREADS=1: the CPU AdamW step of ZeRO offload would run
+    on one core, so the engine raises the thread count to the rank's share."""
+    from mmcontrast.train.engine import offloaded_optimizer_threads
+
+    path = repo_root / "configs" / "deepspeed" / f"{preset}.json"
+    cfg = _cfg(repo_root, "train.zero_stage=3", f"train.deepspeed={path}")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks_here)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    threads = offloaded_optimizer_threads(deepspeed_config(cfg, world_size=1))
+    assert threads == (None if preset == "zero3" else 8 // int(ranks_here))

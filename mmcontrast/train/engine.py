@@ -35,6 +35,17 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def offloaded_optimizer_threads(ds_config: dict) -> int | None:
+    """Threads for a rank whose optimizer steps on the CPU (ZeRO offload_optimizer), None when
+    it does not: the rank's share of the CPUs it may use. torchrun starts every rank with
+    OMP_NUM_THREADS=1, which would leave the whole AdamW step of the model on one core."""
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer") or {}
+    if offload.get("device") != "cpu":
+        return None
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, len(os.sched_getaffinity(0)) // ranks_here)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups as CLIP: no decay on norms, biases, gains and the logit scale."""
     decay, no_decay = [], []
@@ -111,6 +122,9 @@ def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
     if guarded:  # the guarded optimizer clips with the norms it computes anyway; DeepSpeed's
         # clipping would compute them again, one tensor at a time
         config["gradient_clipping"] = 0.0
+    threads = offloaded_optimizer_threads(config)
+    if threads is not None and threads > torch.get_num_threads():
+        torch.set_num_threads(threads)  # torch's fused CPU AdamW runs its step on these
     if load_universal:
         config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(
