@@ -201,6 +201,22 @@ def test_missing_audio_is_masked_and_single_modality_skipped(tmp_path, tok, tf):
     assert ld.skipped == {"too_few_modalities": 1} and ld.skipped_keys == ["s-04"]
 
 
+def test_skipped_keys_go_to_a_file_as_they_come(tmp_path, tok, tf):
+    """The trainer's loader appends skipped keys to its rank's file (memory stays flat over a long
+    run and the keys outlive a resume); the counts stay in memory."""
+    samples = demo_samples("s", 6)
+    del samples[2]["png"], samples[2]["flac"]
+    del samples[4]["png"], samples[4]["flac"]
+    write_shard(tmp_path / "m.tar", samples)
+    ld = loader(str(tmp_path / "m.tar"), cfg(batch_size=4), tok, tf, train=False)
+    keys_file = tmp_path / "run" / "skipped_keys" / "rank0.txt"
+    ld.write_skipped_keys_to(keys_file)
+    for _ in range(2):  # two passes: the file keeps both
+        list(ld)
+    assert ld.skipped == {"too_few_modalities": 2} and ld.skipped_keys == []
+    assert keys_file.read_text().splitlines() == ["s-02", "s-04"] * 2
+
+
 def _truncate(path, key, ext, into_header=False):
     """Cut a shard inside the data (or the header) of member key.ext."""
     with tarfile.open(path) as t:

@@ -66,6 +66,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -605,6 +606,8 @@ class ShardLoader:
 
     Attributes: `epoch` (current epoch), `skipped` ({reason: count}) and `skipped_keys` (keys, or
     shard URLs where no key is known) over the batches handed out, `roles` (worker streams).
+    `write_skipped_keys_to(path)` appends the keys to a file as they come instead (a long run's
+    list would only grow; the file also outlives a resume).
     Methods: `state_dict()` / `load_state_dict(d)`; `make_loader(..., position=d)` does the latter.
     """
 
@@ -615,10 +618,22 @@ class ShardLoader:
         self.train = stream.train
         self.skipped: dict[str, int] = {}
         self.skipped_keys: list[str] = []
+        self._keys_file: Path | None = None
         self._warned: set[str] = set()
         self._new_epoch(0)
         if position is not None:
             self.load_state_dict(position)
+
+    def write_skipped_keys_to(self, path) -> None:
+        self._keys_file = Path(path)
+        self._keys_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def _keep_skipped_keys(self, keys: list[str]) -> None:
+        if self._keys_file is None:
+            self.skipped_keys.extend(keys)
+            return
+        with open(self._keys_file, "a") as f:
+            f.write("".join(f"{k}\n" for k in keys))
 
     def _new_epoch(self, epoch: int, carry: list | None = None) -> None:
         self.epoch = epoch
@@ -793,7 +808,8 @@ class ShardLoader:
                         reason,
                         item["skipped_keys"][:3],
                     )
-            self.skipped_keys.extend(item["skipped_keys"])
+            if item["skipped_keys"]:
+                self._keep_skipped_keys(item["skipped_keys"])
             if item.get("__end__"):
                 self._done[role] = True
                 continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -155,19 +156,24 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return {n: v.item() / dist.get_world_size() for n, v in zip(names, stacked, strict=True)}
 
 
-def skipped_over_ranks(loader, with_keys: bool = False) -> dict:
-    """Skipped-sample counts (and, with_keys, the distinct keys) summed over every rank.
+SKIPPED_KEYS_DIR = "skipped_keys"  # in the run dir: rank<r>.txt, the keys each rank skipped
 
-    A collective call. Keys grow with every epoch, so the per-step logging gathers counts only.
-    """
+
+def skipped_over_ranks(loader, keys_dir: Path | None = None) -> dict:
+    """Skipped-sample counts summed over every rank, and with keys_dir the distinct keys the
+    ranks wrote there (read by rank 0 only; empty elsewhere). A collective call; it gathers the
+    small {reason: count} dicts only, never the keys."""
     gathered = [None] * dist.get_world_size()
-    local = {"counts": dict(loader.skipped), "keys": list(loader.skipped_keys) if with_keys else []}
-    dist.all_gather_object(gathered, local)
+    dist.all_gather_object(gathered, dict(loader.skipped))
     counts: dict[str, int] = {}
     for part in gathered:
-        for reason, n in part["counts"].items():
+        for reason, n in part.items():
             counts[reason] = counts.get(reason, 0) + n
-    return {"counts": counts, "keys": sorted({k for part in gathered for k in part["keys"]})}
+    keys: set[str] = set()
+    if keys_dir is not None and dist.get_rank() == 0:
+        for path in sorted(keys_dir.glob("rank*.txt")):
+            keys.update(path.read_text().splitlines())
+    return {"counts": counts, "keys": sorted(keys)}
 
 
 def _layout(position: dict) -> tuple[int, int]:
@@ -250,6 +256,8 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     if rank == 0:
         clear_marker(run_dir)  # only a stop during this run may leave it
         write_run_config(cfg, resume_tag)
+        if resume_tag is None:  # a fresh start's skipped keys start empty (build_engine syncs the ranks)
+            shutil.rmtree(run_dir / SKIPPED_KEYS_DIR, ignore_errors=True)
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.modalities)
     if cfg.train.activation_checkpointing:
@@ -302,6 +310,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     )
     if saved_layout:
         loader.continue_layout(saved_layout)
+    loader.write_skipped_keys_to(run_dir / SKIPPED_KEYS_DIR / f"rank{rank}.txt")
     batches = iter(loader)
     if state and not saved_layout:
         set_rng_state(state["rng"])
@@ -353,7 +362,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             values = mean_over_ranks({"loss": loss.detach(), **parts})
             rate = samples_seen * world / (time.time() - clock)
             samples_seen, clock = 0, time.time()
-            skipped = skipped_over_ranks(loader)["counts"]
+            skipped = skipped_over_ranks(loader)["counts"]  # a log step: counts only
             bar.set_postfix(loss=f"{values['loss']:.3f}", samples_s=f"{rate:.0f}")
             metrics.log(
                 {
@@ -401,7 +410,8 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
     # ---- evaluate and finish
     agreement.close()
     bar.close()
-    skipped = skipped_over_ranks(loader, with_keys=True)
+    dist.barrier()  # every rank's keys are in its file
+    skipped = skipped_over_ranks(loader, run_dir / SKIPPED_KEYS_DIR)
     result = {"step": step, "skipped": skipped}
     if rank == 0:
         (run_dir / "skipped.json").write_text(json.dumps(skipped, indent=2))
