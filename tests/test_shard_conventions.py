@@ -452,6 +452,49 @@ def test_local_and_pipe_urls_are_checked(tmp_path):
         check_shard_urls(" ", "data.train")
 
 
+def _check_on_nodes(rank, world, urls, local_ranks, blind_rank):
+    from mmcontrast.data import pipeline
+
+    os.environ["LOCAL_RANK"] = str(local_ranks[rank])
+    calls = []
+    original = pipeline.check_shard_urls
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    pipeline.check_shard_urls = counted
+    if rank == blind_rank:  # this node cannot see the shards
+        pipeline._local_problem = lambda path: "no such file"
+    try:
+        pipeline.check_shard_urls_on_each_node(urls, "data.train")
+        return [len(calls), None]
+    except ValueError as exc:
+        return [len(calls), str(exc)]
+
+
+@pytest.mark.parametrize(
+    ("local_ranks", "blind_rank", "checks"),
+    [((0, 1), None, [1, 0]), ((0, 1), 0, [1, 0]), ((0, 0), 1, [1, 1])],
+    ids=["one-node-fine", "one-node-blind", "second-node-blind"],
+)
+def test_each_node_checks_the_shards_once_and_every_rank_learns_the_outcome(
+    tmp_path, local_ranks, blind_rank, checks
+):
+    from tests.distributed import run_ranks
+
+    for name in ("a-0.tar", "a-1.tar"):
+        (tmp_path / name).write_bytes(b"x")
+    results = run_ranks(2, _check_on_nodes, f"{tmp_path}/a-{{0..1}}.tar", local_ranks, blind_rank)
+    assert [r[0] for r in results] == checks  # local rank 0 of each node checks, the others do not
+    errors = [r[1] for r in results]
+    if blind_rank is None:
+        assert errors == [None, None]
+    else:  # every rank raises the blind node's error, even the rank whose node sees the shards
+        assert errors[0] == errors[1] and errors[0].startswith("data.train: 2 of 2 shards cannot be read")
+        assert f"(seen on {socket.gethostname()})" in errors[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -61,6 +61,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -154,6 +155,29 @@ def check_shard_urls(urls: str, key: str) -> None:
         raise ValueError(
             f"{key}: {len(failed)} of {len(shards)} shards cannot be read: {'; '.join(failed[:3])}{more}"
         )
+
+
+def check_shard_urls_on_each_node(urls: str, key: str) -> None:
+    """check_shard_urls once per node, not once per rank (64 ranks would stat or HEAD every shard
+    64 times): the node's local rank 0 checks, since a node that cannot see a shard must fail
+    there, and every rank learns every node's outcome, so all raise the same ValueError rather
+    than some waiting for the others in a collective. Collective."""
+    import torch.distributed as dist
+
+    problem = None
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        try:
+            check_shard_urls(urls, key)
+        except ValueError as exc:
+            problem = f"{exc} (seen on {socket.gethostname()})"
+    if not (dist.is_available() and dist.is_initialized()):
+        problems = [problem]
+    else:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise ValueError(found[0])
 
 
 def _shard_problem(url: str) -> str | None:

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from mmcontrast import faults
 from mmcontrast.config import Config
 from mmcontrast.data.image import DeviceNormalize, split_device_normalize
-from mmcontrast.data.pipeline import check_shard_urls, make_loader
+from mmcontrast.data.pipeline import check_shard_urls_on_each_node, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
@@ -237,11 +237,11 @@ def check_inputs(cfg: Config) -> list:
     """Refuse a run whose inputs cannot be read, before any work: the one place for such checks.
     Returns the eval benchmarks, read.
 
-    Every rank checks (each must stop, and a shard a node cannot see fails there).
+    One rank per node checks the shards; every rank learns the outcome (collective).
     """
     from mmcontrast.eval import read_benchmark
 
-    check_shard_urls(cfg.data.train, "data.train")
+    check_shard_urls_on_each_node(cfg.data.train, "data.train")
     return [read_benchmark(b) for b in cfg.eval.benchmarks]  # layout, shards, class names, templates
 
 
