@@ -230,3 +230,41 @@ def test_tiles_make_no_host_read(monkeypatch, square):
         scores, (q,), (k,), big_n, targets, label_smoothing=0.1, tile=5, square=square, **masks
     )
     (rows.sum() + cols.sum()).backward()
+
+
+@pytest.mark.parametrize("loss", ["info_nce", "siglip"])
+def test_a_pair_loss_makes_one_host_read_when_every_sample_is_valid(monkeypatch, loss):
+    """Meta tensors have no values, so any read of the device raises: the loss's only read is
+    valid_summary (once per call), and the tiled core reads nothing of its own, forward or
+    backward, when the caller says whether to mask."""
+    import importlib
+
+    from mmcontrast.losses import tiled
+
+    # the modules, not the functions the package exports under the same names
+    info_nce_module = importlib.import_module("mmcontrast.losses.info_nce")
+    siglip_module = importlib.import_module("mmcontrast.losses.siglip")
+
+    reads = []
+
+    def summary(valid_all, total):
+        reads.append(valid_all.shape[0])
+        return True, True
+
+    def refuse(col_valid, row_valid):
+        raise AssertionError("the tiled core read its masks")
+
+    for module in (info_nce_module, siglip_module):
+        monkeypatch.setattr(module, "valid_summary", summary)
+    monkeypatch.setattr(tiled, "_needs_masking", refuse)
+    n = 12
+    a = torch.randn(n, 8, device="meta", requires_grad=True)
+    b = torch.randn(n, 8, device="meta", requires_grad=True)
+    scale = torch.ones((), device="meta", requires_grad=True)
+    valid = torch.ones(n, dtype=torch.bool, device="meta")
+    if loss == "info_nce":
+        value = info_nce_module.info_nce(a, b, scale, valid=valid, tile=5, label_smoothing=0.1)
+    else:
+        value = siglip_module.siglip(a, b, scale, torch.zeros((), device="meta"), valid=valid, tile=5)
+    value.backward()
+    assert reads == [n] and a.grad.device.type == "meta" and b.grad.shape == b.shape

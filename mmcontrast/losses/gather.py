@@ -126,6 +126,13 @@ def global_valid(
     return valid, valid_all, valid_all.sum()
 
 
+def valid_summary(valid_all: torch.Tensor, total: torch.Tensor) -> tuple[bool, bool]:
+    """(some sample of the global batch valid, every sample valid): the loss's one host read,
+    which decides whether it needs masking at all."""
+    some, every = torch.stack([total > 0, valid_all.all()]).tolist()
+    return bool(some), bool(every)
+
+
 def share_of_global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:
     """local_sum * world / (local_count summed over ranks): averaging it over ranks (data-parallel
     gradient averaging) gives the mean over every rank's items; zero (with a graph) when none."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcontrast.losses.gather import gather_rows, global_valid, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, valid_summary, world_info
 from mmcontrast.losses.tiled import tiled_cross_entropy
 
 
@@ -28,21 +28,26 @@ def info_nce(
     """
     n = a.shape[0]
     valid, valid_all, total_valid = global_valid(valid, n, a.device)
-    if total_valid == 0:
+    some, every = valid_summary(valid_all, total_valid)  # the call's one host read
+    if not some:
         return (a.sum() + b.sum()) * 0.0
     _, world = world_info()
-    opts = {"label_smoothing": label_smoothing, "tile": tile}
+    opts = {"label_smoothing": label_smoothing, "tile": tile, "masking": (not every, not every)}
+
+    def valid_sum(losses):  # every row valid: a plain sum (no boolean indexing, no read)
+        return losses.sum() if every else losses[valid].sum()
+
     if world == 1:
         # one pass over the tiles gives both directions: each column tile holds every row
         targets = torch.arange(n, device=a.device)
         rows, cols = tiled_cross_entropy(
             a, b, logit_scale, targets, row_valid=valid, col_valid=valid, square=True, **opts
         )
-        return (rows[valid].sum() + cols[valid].sum()) / (2.0 * total_valid)
+        return (valid_sum(rows) + valid_sum(cols)) / (2.0 * total_valid)
 
     a_all, offset = gather_rows(a)
     b_all, _ = gather_rows(b)
     targets = torch.arange(n, device=a.device) + offset
     ab, _ = tiled_cross_entropy(a, b_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
     ba, _ = tiled_cross_entropy(b, a_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
-    return (ab[valid].sum() + ba[valid].sum()) * (world / (2.0 * total_valid))
+    return (valid_sum(ab) + valid_sum(ba)) * (world / (2.0 * total_valid))

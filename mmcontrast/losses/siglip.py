@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmcontrast.losses.gather import gather_rows, global_valid, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, valid_summary, world_info
 from mmcontrast.losses.tiled import default_tile
 
 
@@ -74,8 +74,9 @@ def siglip(
     valid, valid_all, total_valid = global_valid(valid, n, a.device)
     _, world = world_info()
     b_all, offset = gather_rows(b)
-    if total_valid == 0:
+    some, every = valid_summary(valid_all, total_valid)  # the call's one host read
+    if not some:
         return (a.sum() + b.sum()) * 0.0
     targets = torch.arange(n, device=a.device) + offset
     rows = _TiledSigmoid.apply(a, b_all, logit_scale, logit_bias, targets, valid_all, tile or default_tile(n))
-    return rows[valid].sum() * (world / total_valid)
+    return (rows.sum() if every else rows[valid].sum()) * (world / total_valid)

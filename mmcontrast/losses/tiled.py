@@ -59,7 +59,7 @@ class TiledCrossEntropy(torch.autograd.Function):
     """(q (n,d), k (N,d), scale ()) -> (row_loss (n,), col_loss (N,) or (0,))."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, targets, row_valid, col_valid, label_smoothing, tile, square):
+    def forward(ctx, q, k, scale, targets, row_valid, col_valid, label_smoothing, tile, square, masking):
         in_dtype = q.dtype
         qf, kf, sc = q.float(), k.float(), scale.float()
         n, big_n = qf.shape[0], kf.shape[0]
@@ -67,7 +67,8 @@ class TiledCrossEntropy(torch.autograd.Function):
         row_sum = qf.new_zeros(n)
         col_lse = qf.new_empty(big_n if square else 0)
         target_scores = qf.new_zeros(n)
-        masking = _needs_masking(col_valid, row_valid)
+        masking = masking if masking is not None else _needs_masking(col_valid, row_valid)
+        ctx.masking = masking  # the backward reuses it: no second read
         for start in range(0, big_n, tile):
             stop = min(start + tile, big_n)
             s, row_side, col_side = _masked_scores(
@@ -105,7 +106,7 @@ class TiledCrossEntropy(torch.autograd.Function):
         g_col = g_col.float() if square and g_col is not None else qf.new_zeros(kf.shape[0] if square else 0)
         dq, dk = torch.zeros_like(qf), torch.zeros_like(kf)
         dscale = qf.new_zeros(())
-        masking = _needs_masking(col_valid, row_valid)
+        masking = ctx.masking
         for start in range(0, kf.shape[0], tile):
             stop = min(start + tile, kf.shape[0])
             k_tile = kf[start:stop]
@@ -145,11 +146,21 @@ class TiledCrossEntropy(torch.autograd.Function):
             dq -= row_valid[:, None] * (sc * eps * g_k / row_valid.sum().clamp(min=1))[None, :]
             dscale -= eps * (g_k @ q_mean)
         dtype = ctx.in_dtype
-        return dq.to(dtype), dk.to(k.dtype), dscale.to(scale.dtype), None, None, None, None, None, None
+        return dq.to(dtype), dk.to(k.dtype), dscale.to(scale.dtype), None, None, None, None, None, None, None
 
 
 def tiled_cross_entropy(
-    q, k, scale, targets, *, row_valid=None, col_valid=None, label_smoothing=0.0, tile=None, square=False
+    q,
+    k,
+    scale,
+    targets,
+    *,
+    row_valid=None,
+    col_valid=None,
+    label_smoothing=0.0,
+    tile=None,
+    square=False,
+    masking=None,
 ):
     """Per-row (and with square=True per-column) cross-entropy losses, tiled over columns.
 
@@ -157,14 +168,16 @@ def tiled_cross_entropy(
     scale: () multiplier of the dot products; targets: (n,) column index of each row's positive;
     row_valid: (n,), col_valid: (N,) bool masks (invalid columns are no negatives; invalid rows'
     losses are meaningless and must be dropped by the caller). square=True requires n == N and
-    targets == arange(n). Returns (row_loss (n,), col_loss (N,) or (0,)).
+    targets == arange(n). masking: (some column invalid, some row invalid) when the caller knows
+    it (no host read here then); None reads it from the masks once per call.
+    Returns (row_loss (n,), col_loss (N,) or (0,)).
     """
     n, big_n = q.shape[0], k.shape[0]
     row_valid = torch.ones(n, dtype=torch.bool, device=q.device) if row_valid is None else row_valid
     col_valid = torch.ones(big_n, dtype=torch.bool, device=q.device) if col_valid is None else col_valid
     tile = tile or default_tile(n)
     return TiledCrossEntropy.apply(
-        q, k, scale, targets, row_valid, col_valid, float(label_smoothing), int(tile), bool(square)
+        q, k, scale, targets, row_valid, col_valid, float(label_smoothing), int(tile), bool(square), masking
     )
 
 
@@ -187,7 +200,8 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
         target_scores = torch.zeros(n, device=device)
         col_lse = torch.zeros(n_cols if square else 0, device=device)
         col_mean = torch.zeros(n_cols if square else 0, device=device)
-        cols_masked, _ = _needs_masking(col_valid, row_valid)
+        ctx.masking = _needs_masking(col_valid, row_valid)  # read once; the backward reuses it
+        cols_masked = ctx.masking[0]
         for start in range(0, n_cols, tile):
             stop = min(start + tile, n_cols)
             s = score_fn(rows, cols, start, stop).float()
@@ -232,7 +246,7 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
         wanted = [x for x in leaves if x.requires_grad]
         grads = [torch.zeros_like(x) for x in wanted]
         n_valid_cols, n_valid_rows = col_valid.sum(), row_valid.sum()
-        cols_masked, rows_masked = _needs_masking(col_valid, row_valid)
+        cols_masked, rows_masked = ctx.masking
         for start in range(0, n_cols, ctx.tile):
             stop = min(start + ctx.tile, n_cols)
             cv = col_valid[start:stop]
