@@ -6,6 +6,7 @@ open_clip_torch wheel), in interleaved rounds (A B, then B A, ...).
     python benchmarks/train_throughput.py                                  # the demo-size model
     python benchmarks/train_throughput.py --model ViT-B-32 --batch 32 --steps 12
     python benchmarks/train_throughput.py --compile                        # torch.compile on both
+    python benchmarks/train_throughput.py --compile-gain --model ViT-B-32  # ours compiled / not
     python benchmarks/train_throughput.py --model ViT-B-16 --batch 256 --precision amp_bf16  # a GPU
 
 Printed per run: seconds from launch to the first logged step, and steady-state samples/s (the
@@ -97,8 +98,12 @@ def launch(command: list[str], cwd: Path, log: Path, first_record, env=None) -> 
     return first, log.read_text(), proc.returncode
 
 
-def run_mmcontrast(args, urls: str, clip_cfg, work: Path, tag: str) -> dict:
+def run_mmcontrast(
+    args, urls: str, clip_cfg, work: Path, tag: str, compile_towers: bool | None = None
+) -> dict:
     import yaml
+
+    compile_towers = args.compile if compile_towers is None else compile_towers
 
     run_dir = work / f"mmcontrast-{tag}"
     config = {
@@ -124,7 +129,7 @@ def run_mmcontrast(args, urls: str, clip_cfg, work: Path, tag: str) -> dict:
             "keep_checkpoints": 1,
             "progress": False,
             "precision": args.precision,
-            "compile": args.compile,
+            "compile": compile_towers,
         },
         "eval": {"benchmarks": []},
     }
@@ -207,6 +212,23 @@ def model_flops(clip_cfg, batch: int) -> float:
     return counter.get_total_flops()
 
 
+def print_table(args, rounds: list[dict], ours_name: str, theirs_name: str, what: str) -> None:
+    print(
+        f"\n{args.model}, batch {args.batch}, {args.workers} workers, {args.precision}, {what}, {args.steps} steps"
+    )
+    print(f"| round | {ours_name} samples/s | {theirs_name} samples/s | ratio | first step s |")
+    print("|---|---|---|---|---|")
+    for r, result in enumerate(rounds):
+        ours, theirs = result["mmcontrast"], result["open_clip"]
+        print(
+            f"| {r} | {ours['steady']:.1f} | {theirs['steady']:.1f} | {ours['steady'] / theirs['steady']:.3f} | "
+            f"{ours['first_step_s']:.1f} / {theirs['first_step_s']:.1f} |"
+        )
+    ours = statistics.mean(r["mmcontrast"]["steady"] for r in rounds)
+    theirs = statistics.mean(r["open_clip"]["steady"] for r in rounds)
+    print(f"| mean | {ours:.1f} | {theirs:.1f} | {ours / theirs:.3f} | |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -219,6 +241,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile on both sides")
+    parser.add_argument(
+        "--compile-gain",
+        action="store_true",
+        help="mmcontrast with train.compile against mmcontrast without it (open_clip_train not run)",
+    )
     parser.add_argument("--samples", type=int, default=2048, help="samples in the shards")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for MFU")
     parser.add_argument("--out", default="", help="also write the figures here as JSON")
@@ -239,30 +266,23 @@ def main() -> int:
             result = {}
             for side in order:
                 if side == "mmcontrast":
-                    result[side] = run_mmcontrast(args, urls, clip_cfg, work, f"r{r}")
+                    result[side] = run_mmcontrast(
+                        args, urls, clip_cfg, work, f"r{r}", args.compile_gain or None
+                    )
+                elif args.compile_gain:  # the other side: mmcontrast uncompiled
+                    result[side] = run_mmcontrast(args, urls, clip_cfg, work, f"r{r}-eager", False)
                 else:
                     result[side] = run_open_clip(args, urls, open_clip_model, work, f"r{r}")
                 result[side]["steady"] = steady(result[side]["rates"], args.skip)
             rounds.append(result)
 
-    print(
-        f"\n{args.model}, batch {args.batch}, {args.workers} workers, {args.precision}"
-        f"{', compiled' if args.compile else ''}, {args.steps} steps (steady: after {args.skip})"
-    )
-    print(
-        "| round | mmcontrast samples/s | open_clip_train samples/s | ratio | first step s (ours / theirs) |"
-    )
-    print("|---|---|---|---|---|")
-    for r, result in enumerate(rounds):
-        ours, theirs = result["mmcontrast"], result["open_clip"]
-        print(
-            f"| {r} | {ours['steady']:.1f} | {theirs['steady']:.1f} | {ours['steady'] / theirs['steady']:.3f} | "
-            f"{ours['first_step_s']:.1f} / {theirs['first_step_s']:.1f} |"
-        )
+    if args.compile_gain:
+        print_table(args, rounds, "mmcontrast compiled", "mmcontrast eager", "train.compile against eager")
+    else:
+        print_table(args, rounds, "mmcontrast", "open_clip_train", "compiled" if args.compile else "eager")
     ours = statistics.mean(r["mmcontrast"]["steady"] for r in rounds)
     theirs = statistics.mean(r["open_clip"]["steady"] for r in rounds)
-    print(f"| mean | {ours:.1f} | {theirs:.1f} | {ours / theirs:.3f} | |")
-    if args.peak_tflops:
+    if args.peak_tflops and not args.compile_gain:
         flops = model_flops(clip_cfg, args.batch)
         for name, rate in (("mmcontrast", ours), ("open_clip_train", theirs)):
             mfu = flops * rate / args.batch / (args.peak_tflops * 1e12)
