@@ -126,11 +126,17 @@ def global_valid(
     return valid, valid_all, valid_all.sum()
 
 
-def valid_summary(valid_all: torch.Tensor, total: torch.Tensor) -> tuple[bool, bool]:
-    """(some sample of the global batch valid, every sample valid): the loss's one host read,
-    which decides whether it needs masking at all."""
-    some, every = torch.stack([total > 0, valid_all.all()]).tolist()
-    return bool(some), bool(every)
+def valid_summary(valid_all: torch.Tensor, total: torch.Tensor, at_least: int = 1) -> tuple[bool, bool]:
+    """(at least `at_least` samples of the global batch valid, every sample valid): the loss's
+    one host read, which decides whether it needs masking at all."""
+    enough, every = torch.stack([total >= at_least, valid_all.all()]).tolist()
+    return bool(enough), bool(every)
+
+
+def sum_valid(losses: torch.Tensor, valid: torch.Tensor, every: bool) -> torch.Tensor:
+    """The valid rows' losses summed: a plain sum when every row is valid (no boolean indexing,
+    which reads the device)."""
+    return losses.sum() if every else losses[valid].sum()
 
 
 def share_of_global_mean(local_sum: torch.Tensor, local_count: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcontrast.losses.gather import gather_rows, global_valid, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, sum_valid, valid_summary, world_info
 from mmcontrast.losses.tiled import tiled_score_cross_entropy
 
 MIN_DET = 1e-8
@@ -94,7 +94,8 @@ def gram_loss(
     others = list(others)
     n = anchor.shape[0]
     valid, valid_all, total = global_valid(valid, n, anchor.device)
-    if total == 0:
+    some, every = valid_summary(valid_all, total)
+    if not some:
         return sum(x.sum() for x in [anchor, *others]) * 0.0
     scale = 1.0 / temperature
     # Small tiles: each tile's autograd graph holds ~10 (n x tile) tensors of the closed-form det.
@@ -113,7 +114,7 @@ def gram_loss(
             square=True,
             **opts,
         )
-        return (rows[valid].sum() + cols[valid].sum()) / (2.0 * total)
+        return (sum_valid(rows, valid, every) + sum_valid(cols, valid, every)) / (2.0 * total)
 
     anchor_all, offset = gather_rows(anchor)
     others_all = [gather_rows(o)[0] for o in others]
@@ -139,4 +140,6 @@ def gram_loss(
         col_valid=valid_all,
         **opts,
     )
-    return (to_tuples[valid].sum() + to_anchors[valid].sum()) * (world / (2.0 * total))
+    return (sum_valid(to_tuples, valid, every) + sum_valid(to_anchors, valid, every)) * (
+        world / (2.0 * total)
+    )

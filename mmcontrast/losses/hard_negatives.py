@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mmcontrast.losses.gather import gather_rows, global_valid, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, sum_valid, valid_summary, world_info
 from mmcontrast.losses.tiled import default_tile, tiled_cross_entropy
 
 
@@ -32,7 +32,8 @@ def negclip(image, text, negatives, logit_scale, *, valid=None, negatives_valid=
     negative captions; text -> image is CLIP's. Negatives of samples outside `valid` are dropped."""
     n, k, d = negatives.shape
     valid, valid_all, total = global_valid(valid, n, image.device)
-    if total == 0:
+    some, every = valid_summary(valid_all, total)
+    if not some:
         return _zero(image, text, negatives)
     _, world = world_info()
     neg_valid = (
@@ -58,7 +59,7 @@ def negclip(image, text, negatives, logit_scale, *, valid=None, negatives_valid=
     t2i, _ = tiled_cross_entropy(
         text, image_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, tile=tile
     )
-    return (i2t[valid].sum() + t2i[valid].sum()) * (world / (2.0 * total))
+    return (sum_valid(i2t, valid, every) + sum_valid(t2i, valid, every)) * (world / (2.0 * total))
 
 
 def _hcl_rows(q, k_all, logit_scale, targets, valid_all, n_neg, beta, tau_plus):
@@ -119,7 +120,8 @@ def hard_negative_nce(a, b, logit_scale, *, beta=1.0, tau_plus=0.0, valid=None, 
     n = a.shape[0]
     valid, valid_all, total = global_valid(valid, n, a.device)
     n_neg = (total - 1).float()
-    if total < 2:
+    enough, every = valid_summary(valid_all, total, at_least=2)
+    if not enough:
         return _zero(a, b)
     _, world = world_info()
     a_all, offset = gather_rows(a)
@@ -128,7 +130,7 @@ def hard_negative_nce(a, b, logit_scale, *, beta=1.0, tau_plus=0.0, valid=None, 
     tile = tile or default_tile(n)
     ab = _hcl_direction(a, b_all, logit_scale, targets, valid_all, n_neg, beta, tau_plus, tile)
     ba = _hcl_direction(b, a_all, logit_scale, targets, valid_all, n_neg, beta, tau_plus, tile)
-    return (ab[valid].sum() + ba[valid].sum()) * (world / (2.0 * total))
+    return (sum_valid(ab, valid, every) + sum_valid(ba, valid, every)) * (world / (2.0 * total))
 
 
 @torch.no_grad()
@@ -226,7 +228,8 @@ def hard_negative_mixing(
     gathered negatives (mix_hard_negatives; they carry no gradient, as in MoCHi)."""
     n = a.shape[0]
     valid, valid_all, total = global_valid(valid, n, a.device)
-    if total == 0:
+    some, every = valid_summary(valid_all, total)
+    if not some:
         return _zero(a, b)
     _, world = world_info()
     a_all, offset = gather_rows(a)
@@ -235,4 +238,4 @@ def hard_negative_mixing(
     options = {"n_hard": n_hard, "n_mix": n_mix, "n_self": n_self}
     ab = _mixing_direction(a, b_all, logit_scale, targets, valid, valid_all, options, generator, tile)
     ba = _mixing_direction(b, a_all, logit_scale, targets, valid, valid_all, options, generator, tile)
-    return (ab[valid].sum() + ba[valid].sum()) * (world / (2.0 * total))
+    return (sum_valid(ab, valid, every) + sum_valid(ba, valid, every)) * (world / (2.0 * total))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mmcontrast.losses.gather import gather_rows, global_valid, valid_summary, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, sum_valid, valid_summary, world_info
 from mmcontrast.losses.tiled import tiled_cross_entropy
 
 
@@ -34,20 +34,17 @@ def info_nce(
     _, world = world_info()
     opts = {"label_smoothing": label_smoothing, "tile": tile, "masking": (not every, not every)}
 
-    def valid_sum(losses):  # every row valid: a plain sum (no boolean indexing, no read)
-        return losses.sum() if every else losses[valid].sum()
-
     if world == 1:
         # one pass over the tiles gives both directions: each column tile holds every row
         targets = torch.arange(n, device=a.device)
         rows, cols = tiled_cross_entropy(
             a, b, logit_scale, targets, row_valid=valid, col_valid=valid, square=True, **opts
         )
-        return (valid_sum(rows) + valid_sum(cols)) / (2.0 * total_valid)
+        return (sum_valid(rows, valid, every) + sum_valid(cols, valid, every)) / (2.0 * total_valid)
 
     a_all, offset = gather_rows(a)
     b_all, _ = gather_rows(b)
     targets = torch.arange(n, device=a.device) + offset
     ab, _ = tiled_cross_entropy(a, b_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
     ba, _ = tiled_cross_entropy(b, a_all, logit_scale, targets, row_valid=valid, col_valid=valid_all, **opts)
-    return (valid_sum(ab) + valid_sum(ba)) * (world / (2.0 * total_valid))
+    return (sum_valid(ab, valid, every) + sum_valid(ba, valid, every)) * (world / (2.0 * total_valid))

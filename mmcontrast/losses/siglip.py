@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmcontrast.losses.gather import gather_rows, global_valid, valid_summary, world_info
+from mmcontrast.losses.gather import gather_rows, global_valid, sum_valid, valid_summary, world_info
 from mmcontrast.losses.tiled import default_tile
 
 
@@ -79,4 +79,4 @@ def siglip(
         return (a.sum() + b.sum()) * 0.0
     targets = torch.arange(n, device=a.device) + offset
     rows = _TiledSigmoid.apply(a, b_all, logit_scale, logit_bias, targets, valid_all, tile or default_tile(n))
-    return (rows.sum() if every else rows[valid].sum()) * (world / total_valid)
+    return sum_valid(rows, valid, every) * (world / total_valid)
