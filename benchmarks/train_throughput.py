@@ -212,7 +212,8 @@ def model_flops(clip_cfg, batch: int) -> float:
     return counter.get_total_flops()
 
 
-def print_table(args, rounds: list[dict], ours_name: str, theirs_name: str, what: str) -> None:
+def print_table(args, rounds: list[dict], ours_name: str, theirs_name: str, what: str) -> tuple[float, float]:
+    """Prints the rounds and their mean; returns the two sides' mean steady samples/s."""
     print(
         f"\n{args.model}, batch {args.batch}, {args.workers} workers, {args.precision}, {what}, {args.steps} steps"
     )
@@ -227,6 +228,7 @@ def print_table(args, rounds: list[dict], ours_name: str, theirs_name: str, what
     ours = statistics.mean(r["mmcontrast"]["steady"] for r in rounds)
     theirs = statistics.mean(r["open_clip"]["steady"] for r in rounds)
     print(f"| mean | {ours:.1f} | {theirs:.1f} | {ours / theirs:.3f} | |")
+    return ours, theirs
 
 
 def main() -> int:
@@ -277,11 +279,12 @@ def main() -> int:
             rounds.append(result)
 
     if args.compile_gain:
-        print_table(args, rounds, "mmcontrast compiled", "mmcontrast eager", "train.compile against eager")
+        ours, theirs = print_table(
+            args, rounds, "mmcontrast compiled", "mmcontrast eager", "train.compile against eager"
+        )
     else:
-        print_table(args, rounds, "mmcontrast", "open_clip_train", "compiled" if args.compile else "eager")
-    ours = statistics.mean(r["mmcontrast"]["steady"] for r in rounds)
-    theirs = statistics.mean(r["open_clip"]["steady"] for r in rounds)
+        what = "compiled" if args.compile else "eager"
+        ours, theirs = print_table(args, rounds, "mmcontrast", "open_clip_train", what)
     if args.peak_tflops and not args.compile_gain:
         flops = model_flops(clip_cfg, args.batch)
         for name, rate in (("mmcontrast", ours), ("open_clip_train", theirs)):

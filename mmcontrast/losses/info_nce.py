@@ -33,7 +33,6 @@ def info_nce(
         return (a.sum() + b.sum()) * 0.0
     _, world = world_info()
     opts = {"label_smoothing": label_smoothing, "tile": tile, "masking": (not every, not every)}
-
     if world == 1:
         # one pass over the tiles gives both directions: each column tile holds every row
         targets = torch.arange(n, device=a.device)

@@ -139,7 +139,7 @@ def train_step(
 def nonfinite_reason(loss: torch.Tensor) -> str:
     """What the skipped-step warning says: the gradients, and this rank's loss (NaN when it was
     this rank's loss that made them non-finite)."""
-    return f"non-finite gradients (this rank's loss {loss.detach().float().mean().item():.4g})"
+    return f"non-finite gradients (this rank's loss {loss.detach().float().item():.4g})"
 
 
 def gpu_memory(device: torch.device) -> dict[str, float]:
