@@ -4,11 +4,14 @@ pipeline, no logging. Both sides hold the same open_clip model (same initial wei
     python benchmarks/step_overhead.py                    # the demo-size model, batch 64
     python benchmarks/step_overhead.py --model ViT-B-32 --batch 32 --steps 6
     python benchmarks/step_overhead.py --profile          # also: where each side's step goes
+    python benchmarks/step_overhead.py --model ViT-B-16 --batch 256 --precision amp_bf16 --profile  # a GPU
 
-mmcontrast: `train_step` on its DeepSpeed engine (stage 0, fp32, gradient clipping 1.0, the
-numeric guard and stop-flag agreement), as `mmcontrast train` runs it. open_clip_train: the body
-of its `train_one_epoch` (ClipLoss, AdamW as its main.py builds it, clip_grad_norm_ 1.0, the
-logit-scale clamp). Rounds alternate the order; printed: median seconds per step of each side and
+mmcontrast: what `mmcontrast train` does per step: the batch's copy to the device as its loader
+hands it over (uint8 images, normalised there), the buffer snapshot, `train_step` on its
+DeepSpeed engine (stage 0, gradient clipping 1.0, the numeric guard) and the stop-flag poll.
+open_clip_train: the body of its `train_one_epoch`: the copy of the float images its loader makes,
+ClipLoss, AdamW as its main.py builds it, clip_grad_norm_ 1.0, the logit-scale clamp; with
+amp_bf16 the forward and loss under bf16 autocast, as its `get_autocast` gives. Rounds alternate the order; printed: median seconds per step of each side and
 the ratio open_clip / mmcontrast (above 1: mmcontrast is faster), and with --profile the phases
 of each step and the operators taking the most self time on each side.
 """
@@ -47,12 +50,19 @@ class PhaseClock:
         self.times[name], self.start = now - self.start, now
 
 
-def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """As a DataLoader with pin_memory hands it over on a GPU machine."""
+    return tensor.pin_memory() if torch.cuda.is_available() else tensor
+
+
+def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device, precision: str):
     """(step(), model, phases(), batch) for mmcontrast's train_step on its engine."""
     from mmcontrast.config import config_from_dict
+    from mmcontrast.data.image import split_device_normalize
     from mmcontrast.losses import Objective
     from mmcontrast.model.multimodal import build_model
     from mmcontrast.train.engine import build_engine, init_distributed
+    from mmcontrast.train.guard import BufferSnapshot
     from mmcontrast.train.loop import objective_loss, to_device, train_step
     from mmcontrast.train.preemption import StopAgreement, StopRequest
 
@@ -62,7 +72,14 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
             "data": {"train": "unused", "fields": {"image": "jpg", "text": "txt"}, "batch_size": batch_size},
             "model": {"clip": clip_cfg},
             "loss": {"terms": [{"name": "info_nce", "pairs": "all"}]},
-            "train": {"steps": 10**6, "lr": 1e-4, "warmup": 2, "weight_decay": 0.2, "grad_clip": 1.0},
+            "train": {
+                "steps": 10**6,
+                "lr": 1e-4,
+                "warmup": 2,
+                "weight_decay": 0.2,
+                "grad_clip": 1.0,
+                "precision": precision,
+            },
             "eval": {"benchmarks": []},
         }
     )
@@ -72,28 +89,38 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
     objective = Objective.from_config(cfg.loss, cfg.modalities)
     engine = build_engine(model, cfg)
     agreement = StopAgreement(StopRequest(), engine.device)  # as the loop polls it every step
+    buffers = BufferSnapshot(engine.module)
+    _, normalize = split_device_normalize(model.train_transform)
     size = clip_cfg["vision_cfg"]["image_size"]
     context = clip_cfg["text_cfg"].get("context_length", 77)
     generator = torch.Generator().manual_seed(1)
-    batch = {
-        "image": torch.randn(batch_size, 3, size, size, generator=generator),
-        "text": torch.randint(
-            0, clip_cfg["text_cfg"].get("vocab_size", 49408), (batch_size, context), generator=generator
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+    loaded = {  # what the loader hands over
+        "image": pinned(images),
+        "text": pinned(
+            torch.randint(
+                0, clip_cfg["text_cfg"].get("vocab_size", 49408), (batch_size, context), generator=generator
+            )
         ),
-        "present": {m: torch.ones(batch_size, dtype=torch.bool) for m in ("image", "text")},
+        "present": {m: pinned(torch.ones(batch_size, dtype=torch.bool)) for m in ("image", "text")},
         "__key__": [str(i) for i in range(batch_size)],
     }
-    on_device = to_device(batch, engine.device, torch.float32)
+    float_batch = {**loaded, "image": normalize(images)}  # the same pictures, for open_clip's side
 
     def step():
+        on_device = to_device(loaded, engine.device, torch.float32, normalize)
+        buffers.save()
         train_step(engine, objective, on_device, 1)
         agreement.poll()
 
     def phases() -> dict[str, float]:
         mark = PhaseClock(device)
-        outputs = engine(on_device)
+        on_device = to_device(loaded, engine.device, torch.float32, normalize)
+        buffers.save()
+        mark("batch to device")
+        outputs = engine(on_device)  # amp_bf16: the engine enters autocast itself
         mark("forward")
-        loss, _ = objective_loss(objective, outputs, on_device["present"])
+        loss, _ = objective_loss(objective, outputs, on_device["present"], equal_rows=True)
         mark("loss")
         engine.backward(loss)
         mark("backward")
@@ -102,11 +129,13 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device):
         mark("optimizer")
         return mark.times
 
-    return step, model.clip, phases, batch
+    return step, model.clip, phases, float_batch
 
 
-def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.device):
-    """(step(), phases()) for the body of open_clip_train's train_one_epoch, fp32."""
+def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.device, precision: str):
+    """(step(), phases()) for the body of open_clip_train's train_one_epoch."""
+    import contextlib
+
     from open_clip.loss import ClipLoss
 
     from mmcontrast.model.multimodal import create_open_clip
@@ -130,12 +159,21 @@ def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.dev
         eps=1e-6,
     )
     loss_fn = ClipLoss()
-    images = batch["image"].to(device)
-    texts = batch["text"].to(device)
+    loaded_images, loaded_texts = pinned(batch["image"]), pinned(batch["text"])
+
+    def autocast():
+        if precision == "amp_bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device():  # as train_one_epoch moves each batch
+        return loaded_images.to(device, non_blocking=True), loaded_texts.to(device, non_blocking=True)
 
     def forward_loss():
-        out = model(images, texts)
-        losses = loss_fn(**out, output_dict=True)
+        images, texts = to_device()
+        with autocast():
+            out = model(images, texts)
+            losses = loss_fn(**out, output_dict=True)
         return sum(losses.values())
 
     def update():
@@ -151,10 +189,13 @@ def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.dev
 
     def phases() -> dict[str, float]:
         mark = PhaseClock(device)
+        images, texts = to_device()
         optimizer.zero_grad()
-        out = model(images, texts)
-        mark("forward")
-        total = sum(loss_fn(**out, output_dict=True).values())
+        mark("batch to device")
+        with autocast():
+            out = model(images, texts)
+            mark("forward")
+            total = sum(loss_fn(**out, output_dict=True).values())
         mark("loss")
         total.backward()
         mark("backward")
@@ -176,16 +217,24 @@ def timed(step, steps: int, device) -> list[float]:
     return times
 
 
-def top_operators(step, device, steps: int = 3, rows: int = 12) -> str:
+def top_operators(step, device, steps: int = 3, rows: int = 15) -> str:
+    """The profiler's operator table; on a GPU headed by the device's busy time against the wall
+    time per step (a gap between them: the device waited for the host)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+    wall = (time.perf_counter() - start) / steps
+    averages = prof.key_averages()
+    if device.type != "cuda":
+        return averages.table(sort_by="self_cpu_time_total", row_limit=rows)
+    busy = sum(e.self_device_time_total for e in averages) / 1e6 / steps
+    head = f"device busy {busy:.4f} s of {wall:.4f} s wall per step (profiled)\n"
+    return head + averages.table(sort_by="self_device_time_total", row_limit=rows)
 
 
 def main() -> int:
@@ -195,13 +244,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16"])
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip_cfg = model_config(args.model)
-    ours, our_model, our_phases, batch = mmcontrast_side(clip_cfg, args.batch, device)
-    theirs, their_phases = open_clip_side(clip_cfg, our_model.state_dict(), batch, device)
+    ours, our_model, our_phases, batch = mmcontrast_side(clip_cfg, args.batch, device, args.precision)
+    theirs, their_phases = open_clip_side(clip_cfg, our_model.state_dict(), batch, device, args.precision)
     sides = {"mmcontrast": ours, "open_clip_train": theirs}
     for step in sides.values():
         timed(step, args.warmup, device)
@@ -210,7 +260,7 @@ def main() -> int:
     for r in range(args.rounds):
         for name in sides if r % 2 == 0 else reversed(sides):
             medians[name].append(statistics.median(timed(sides[name], args.steps, device)))
-    print(f"\n{args.model}, batch {args.batch}, fp32, {device.type}: median s/step per round")
+    print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device.type}: median s/step per round")
     print("| round | mmcontrast | open_clip_train | ratio (theirs / ours) |")
     print("|---|---|---|---|")
     for r in range(args.rounds):

@@ -83,7 +83,9 @@ def _train_and_compare(rank, world, root: str):
         mismatched = [
             k
             for k, want in reference.items()
-            if not torch.equal(exported[k], want.float().reshape(exported[k].shape))
+            if not torch.equal(
+                exported[k], want.float().cpu().reshape(exported[k].shape)
+            )  # masters may live on a GPU
         ]
         beyond_bf16 = sum(int((w.to(torch.bfloat16).float() != w).any()) for w in exported.values())
         report[name] = {"compared": len(reference), "mismatched": mismatched[:5], "beyond_bf16": beyond_bf16}

@@ -154,6 +154,8 @@ def _train(repo_root, shards, run, *extra, fault="", ranks=1):
     if ranks == 1:
         cmd = [sys.executable, "-m", "mmcontrast.cli", "train", *args]
     else:
+        if torch.cuda.is_available() and torch.cuda.device_count() < ranks:
+            env["CUDA_VISIBLE_DEVICES"] = ""  # more ranks than GPUs here: the ranks share the CPU (gloo)
         env.update(
             NNODES="1",
             NPROC_PER_NODE=str(ranks),

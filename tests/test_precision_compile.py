@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -11,30 +12,71 @@ from safetensors.torch import load_file
 
 from mmcontrast.config import AudioTowerConfig, LossConfig, TermConfig
 from mmcontrast.losses import Objective
-from mmcontrast.train.engine import forward_context
-from mmcontrast.train.loop import objective_loss, to_device
+from mmcontrast.train.loop import to_device, train_step
+from tests.distributed import run_ranks
 from tests.test_grad_cache import _batch, _setup, _vit
 from tests.test_train_e2e import _overrides, _train_cmd, world  # noqa: F401
 
 
-def test_amp_bf16_runs_the_forward_in_bf16_and_keeps_weights_and_gradients_in_fp32():
-    modalities = ["image", "text"]
-    model, objective = _setup(_vit(), [TermConfig(name="info_nce")], modalities)
-    batch = _batch(model, 8, modalities)
-    with forward_context("amp_bf16", torch.device("cpu")):
-        outputs = model(batch)
-    assert outputs["image"].dtype == outputs["text"].dtype == torch.bfloat16
-    loss, _ = objective_loss(objective, outputs, batch["present"])
-    assert loss.dtype == torch.float32 and torch.isfinite(loss)  # the losses score in fp32
-    loss.backward()
-    assert all(
-        p.dtype == torch.float32 and p.grad.dtype == torch.float32
-        for p in model.parameters()
-        if p.grad is not None
-    )
-    with forward_context("fp32", torch.device("cpu")):
-        assert model(batch)["image"].dtype == torch.float32
-    assert Objective.from_config(LossConfig(terms=[TermConfig()]), modalities)  # unchanged by the context
+def _amp_engine_dtypes(_rank, _world, root: str):
+    """For amp_bf16 at ZeRO 0 and 2, one train_step on DeepSpeed's engine as the trainer runs it:
+    the dtypes of every Linear's output in the forward, of the loss, the weights and the
+    gradients, and (stage 2) the dtypes DeepSpeed reduces the gradients in."""
+    from pathlib import Path
+
+    from mmcontrast.config import load_config
+    from mmcontrast.model.multimodal import build_model
+    from mmcontrast.train.engine import build_engine
+    from tests.test_train_e2e import TINY
+
+    os.environ["LOCAL_RANK"] = "0"  # DeepSpeed asks for it; run_ranks starts no launcher
+    found = {}
+    for stage in (0, 2):
+        cfg = load_config(
+            Path(__file__).parents[1] / "configs/demo.yaml",
+            [*TINY, "train.precision=amp_bf16", f"train.zero_stage={stage}", f"run.dir={root}/z{stage}"],
+        )
+        modalities = ["image", "text"]
+        torch.manual_seed(0)
+        model = build_model(cfg.model, cfg.modalities)
+        engine = build_engine(model, cfg)
+        objective = Objective.from_config(LossConfig(terms=[TermConfig(name="info_nce")]), modalities)
+        linear_outputs, grads, seen = set(), set(), {}
+        for module in engine.module.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda m, i, out, into=linear_outputs: into.add(str(out.dtype)))
+        for param in engine.module.parameters():
+            param.register_hook(lambda grad, into=grads: into.add(str(grad.dtype)))
+
+        def record_loss(loss, into=seen):  # train_step's test hook sees the loss it backpropagates
+            into["loss"] = str(loss.dtype)
+            return loss
+
+        batch = to_device(_batch(model, 8, modalities), engine.device, torch.float32)
+        train_step(engine, objective, batch, 1, loss_hook=record_loss)  # as the trainer steps
+        report = {
+            "linear_outputs": sorted(linear_outputs),
+            "loss": seen["loss"],
+            "weights": sorted({str(p.dtype) for p in engine.module.parameters()}),
+            "grads": sorted(grads),
+        }
+        if stage == 2:
+            report["reduced_in"] = sorted(
+                {str(engine.optimizer.get_param_comm_dtype(p)) for p in engine.module.parameters()}
+            )
+        found[stage] = report
+    return found
+
+
+def test_amp_bf16_runs_the_engines_forward_in_bf16_and_keeps_weights_and_gradients_in_fp32(tmp_path):
+    """DeepSpeed's engine switches off an autocast entered outside its forward: amp_bf16 must be
+    its own torch_autocast section, or the "bf16" run is fp32 (as it was, 0.65x open_clip on an H200)."""
+    (found,) = run_ranks(1, _amp_engine_dtypes, str(tmp_path), timeout=300)
+    for stage, report in found.items():
+        assert report["linear_outputs"] == ["torch.bfloat16"], (stage, report)
+        assert report["loss"] == "torch.float32", (stage, report)  # the losses score in fp32
+        assert report["weights"] == report["grads"] == ["torch.float32"], (stage, report)
+    assert found[2]["reduced_in"] == ["torch.float32"]  # no gradient is reduced in bf16
 
 
 def test_pure_bf16_keeps_the_waveform_float32_into_the_mel_frontend():

@@ -31,6 +31,9 @@ OWNED = {
     "zero_optimization.stage": "train.zero_stage",
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
+    "torch_autocast.enabled": "train.precision (amp_bf16)",
+    "torch_autocast.dtype": "train.precision (amp_bf16)",
+    "torch_autocast.lower_precision_safe_modules": "train.precision (amp_bf16 reduces every gradient in fp32)",
     "zero_allow_untested_optimizer": "nothing: mmcontrast's torch AdamW needs it true",
 }
 REFUSED = {
@@ -58,6 +61,11 @@ def generated_config(train_cfg, batch_size: int, world_size: int | None = None) 
         # bf16 weights, but gradients summed over ranks in fp32: a bf16 all-reduce over many
         # ranks loses the low bits of every gradient (a user's file may say otherwise)
         config["communication_data_type"] = "fp32"
+    if train_cfg.precision == "amp_bf16":
+        # DeepSpeed's forward switches off an autocast entered outside it unless this section
+        # enables its own. No module is listed as safe for bf16 communication: the gradients of
+        # fp32 weights are reduced in fp32, as open_clip's DDP does under amp_bf16.
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     if world_size is not None:
         config["train_batch_size"] = batch_size * world_size
     return config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import math
 import os
@@ -76,14 +75,6 @@ PRECISION_DTYPES = {
     "amp_bf16": torch.float32,
     "fp16": torch.float16,
 }
-
-
-def forward_context(precision: str, device: torch.device):
-    """The context the model's forward runs in: bf16 autocast for amp_bf16 (matmuls and
-    convolutions in bf16, reductions and the losses' upcasts in fp32), else nothing."""
-    if precision == "amp_bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def configure_backends(tf32: bool) -> None:

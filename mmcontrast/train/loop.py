@@ -34,7 +34,6 @@ from mmcontrast.train.engine import (
     PRECISION_DTYPES,
     build_engine,
     configure_backends,
-    forward_context,
     init_distributed,
 )
 from mmcontrast.train.grad_cache import grad_cache_step
@@ -94,12 +93,12 @@ def train_step(
     micro_batches: int,
     teacher=None,
     loss_hook=None,
-    precision: str = "fp32",
 ):
     """One optimizer step on the batch; several micro-batches go through GradCache.
 
-    loss_hook(loss) -> loss is a test hook. precision "amp_bf16" runs the forwards under bf16
-    autocast (the losses and backward outside it). Returns (loss, parts, applied): applied is
+    loss_hook(loss) -> loss is a test hook. With train.precision amp_bf16 the engine runs its
+    forward under bf16 autocast (ds_config's torch_autocast section); the losses and the backward
+    run outside it. Returns (loss, parts, applied): applied is
     False when the optimizer found non-finite gradients on some rank and skipped the step (a
     non-finite loss gets there through the chain rule; see guard.py), so no host read happens
     between forward and backward.
@@ -107,8 +106,7 @@ def train_step(
     teacher_outputs = teacher(batch) if teacher is not None else None  # eval mode: draws no RNG
 
     def forward(piece):
-        with forward_context(precision, engine.device):
-            return engine(piece, **objective.forward_kwargs)
+        return engine(piece, **objective.forward_kwargs)
 
     def compute_loss(outputs):
         # training batches are full on every rank (the loader drops partial ones): no size exchange
@@ -345,7 +343,6 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             cfg.train.accumulation,
             teacher,
             loss_hook=lambda loss, s=step + 1: fault(loss, s),
-            precision=cfg.train.precision,
         )
         step += 1
         if not applied:
