@@ -5,8 +5,12 @@
    collective devices, fp32 master-weight export at every ZeRO stage, GradCache, the numeric guard;
 2. the demo config trained for 50 steps in bf16 and in amp_bf16 on a fresh demo world: time to
    the first logged step, steady samples/s, the losses, peak GPU memory;
-3. figures written to a JSON file (default benchmarks/gpu_check.json) and printed as a markdown
-   table that benchmarks/RESULTS.md takes over.
+3. ViT-B-16 at batch 256 in amp_bf16 against open_clip_train on the same 224 px shards
+   (benchmarks/train_throughput.py, one round): samples/s of each, the ratio, time to the first
+   step and model FLOPs utilisation against the device's bf16 peak;
+4. figures written to a JSON file (default benchmarks/gpu_check.json; the device tests' whole
+   output beside it, *.tests.log) and printed as a markdown table that benchmarks/RESULTS.md
+   takes over.
 
 `--cpu` is a dry mode for CI: the same steps on a tiny world and model, a few steps each, so the
 script cannot rot on machines without a GPU. Its figures mean nothing.
@@ -37,6 +41,12 @@ DEVICE_TESTS = [
 # the dry mode checks the plumbing with the quickest of them
 DRY_TESTS = ["tests/test_collective_devices.py"]
 PRECISIONS = ("bf16", "amp_bf16")
+# dense bf16 TFLOP/s from the vendor's data sheets (SXM parts), for MFU; other devices get none
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+THROUGHPUT_GPU = ["--model", "ViT-B-16", "--batch", "256", "--precision", "amp_bf16", "--steps", "25"]
+THROUGHPUT_GPU += ["--skip", "5", "--rounds", "1", "--workers", "8", "--samples", "4096"]
+THROUGHPUT_DRY = ["--model", "demo", "--batch", "8", "--steps", "3", "--skip", "1", "--rounds", "1"]
+THROUGHPUT_DRY += ["--workers", "0", "--samples", "32"]
 
 
 def environment() -> dict:
@@ -58,7 +68,7 @@ def environment() -> dict:
     return info
 
 
-def run_tests(tests: list[str], env: dict) -> dict:
+def run_tests(tests: list[str], env: dict, log: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
@@ -67,6 +77,7 @@ def run_tests(tests: list[str], env: dict) -> dict:
         capture_output=True,
         text=True,
     )
+    log.write_text(proc.stdout + proc.stderr)  # the whole output: a failure is read there
     summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
     return {
         "tests": tests,
@@ -74,6 +85,39 @@ def run_tests(tests: list[str], env: dict) -> dict:
         "summary": summary,
         "seconds": round(time.perf_counter() - start, 1),
         "failures": proc.stdout[-4000:] if proc.returncode else "",
+        "log": str(log),
+    }
+
+
+def peak_tflops(device_name: str) -> float:
+    return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device_name), 0.0)
+
+
+def throughput_run(arguments: list[str], peak: float, out: Path, env: dict) -> dict:
+    """benchmarks/train_throughput.py with `arguments`: its figures, or its output's end."""
+    command = [sys.executable, str(REPO / "benchmarks/train_throughput.py"), *arguments, "--out", str(out)]
+    if peak:
+        command += ["--peak-tflops", str(peak)]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        return {
+            "arguments": arguments,
+            "returncode": proc.returncode,
+            "error": (proc.stdout + proc.stderr)[-3000:],
+        }
+    figures = json.loads(out.read_text())
+    (result,) = figures["rounds"]
+    ours, theirs = (result[side]["steady"] for side in ("mmcontrast", "open_clip"))
+    return {
+        "arguments": arguments,
+        "returncode": 0,
+        "model": figures["args"]["model"],
+        "batch": figures["args"]["batch"],
+        "mmcontrast_samples_per_s": round(ours, 1),
+        "open_clip_train_samples_per_s": round(theirs, 1),
+        "ratio": round(ours / theirs, 3),
+        "first_step_s": [round(result[side]["first_step_s"], 1) for side in ("mmcontrast", "open_clip")],
+        "mfu": {name: round(value, 4) for name, value in figures.get("mfu", {}).items()},
     }
 
 
@@ -137,12 +181,25 @@ def table(report: dict) -> str:
             f"{run['peak_gpu_memory_gib'] or '-'} |"
         )
     tests = report["tests"]
+    speed = report["throughput"]
+    if speed["returncode"]:
+        against = "against open_clip_train: FAILED (see the JSON)"
+    else:
+        mfu = " / ".join(f"{100 * v:.1f}%" for v in speed["mfu"].values()) or "-"
+        against = (
+            f"{speed['model']} batch {speed['batch']} against open_clip_train: "
+            f"{speed['mmcontrast_samples_per_s']} / {speed['open_clip_train_samples_per_s']} samples/s "
+            f"(ratio {speed['ratio']}), first step {speed['first_step_s'][0]} / {speed['first_step_s'][1]} s, "
+            f"MFU {mfu}"
+        )
     return "\n".join(
         [
             f"gpu_check ({report['mode']}), {report['environment'].get('device', 'CPU')}, {report['environment']['date']}",
             f"device tests: {'passed' if tests['passed'] else 'FAILED'} ({tests['summary']}, {tests['seconds']} s)",
             "",
             *rows,
+            "",
+            against,
         ]
     )
 
@@ -165,7 +222,8 @@ def main() -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     steps = args.steps or (2 if args.cpu else 50)
     report = {"mode": "cpu-dry" if args.cpu else "gpu", "environment": environment()}
-    report["tests"] = run_tests(DRY_TESTS if args.cpu else DEVICE_TESTS, env)
+    out = Path(args.out)
+    report["tests"] = run_tests(DRY_TESTS if args.cpu else DEVICE_TESTS, env, out.with_suffix(".tests.log"))
 
     from mmcontrast.data.demo import write_demo_world
     from tests.test_train_e2e import TINY
@@ -180,10 +238,17 @@ def main() -> int:
         report["training"] = [
             train_run(world, Path(tmp) / f"run-{p}", p, steps, extra, env) for p in PRECISIONS
         ]
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        report["throughput"] = throughput_run(
+            THROUGHPUT_DRY if args.cpu else THROUGHPUT_GPU,
+            peak_tflops(report["environment"].get("device", "")),
+            Path(tmp) / "throughput.json",
+            env,
+        )
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
     print(f"\nfigures: {args.out}")
     ok = report["tests"]["passed"] and all(r["returncode"] == 0 and r["finite"] for r in report["training"])
+    ok = ok and report["throughput"]["returncode"] == 0
     return 0 if ok else 1
 
 

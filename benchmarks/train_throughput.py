@@ -285,13 +285,20 @@ def main() -> int:
     else:
         what = "compiled" if args.compile else "eager"
         ours, theirs = print_table(args, rounds, "mmcontrast", "open_clip_train", what)
+    figures = {
+        "args": vars(args),
+        "rounds": rounds,
+        "mean_samples_per_s": {"mmcontrast": ours, "other": theirs},
+    }
     if args.peak_tflops and not args.compile_gain:
         flops = model_flops(clip_cfg, args.batch)
+        figures["flops_per_step"], figures["mfu"] = flops, {}
         for name, rate in (("mmcontrast", ours), ("open_clip_train", theirs)):
             mfu = flops * rate / args.batch / (args.peak_tflops * 1e12)
+            figures["mfu"][name] = mfu
             print(f"MFU {name}: {100 * mfu:.1f}% ({flops / 1e12:.2f} TFLOP per step)")
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=2))
+        Path(args.out).write_text(json.dumps(figures, indent=2))
     return 0
 
 

@@ -129,6 +129,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    # checkpoints that also hold the full fp32 weights (model.safetensors): the final one, and
+    # every this many steps (0: no others; an export rebuilds them from DeepSpeed's files)
+    weights_every: int = 0
     # a step with a non-finite loss or gradient is skipped on every rank; this many in a row
     # stop the run (no checkpoint is written from that state)
     max_nonfinite_steps: int = 10
@@ -303,6 +306,7 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_every >= 0, "train.eval_every", t.eval_every, "an integer >= 0")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every, "an integer >= 0")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "an integer >= 1")
+    _check(t.weights_every >= 0, "train.weights_every", t.weights_every, "an integer >= 0")
     _check(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 1")
     _check(d.batch_size >= 1, "data.batch_size", d.batch_size, "an integer >= 1")
     _check(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")

@@ -30,6 +30,7 @@ from torch import nn
 from mmcontrast.config import AudioTowerConfig, load_config
 from mmcontrast.model.multimodal import MAX_LOGIT_SCALE, build_model
 from mmcontrast.model.towers import TOWERS, create_tower
+from mmcontrast.train.checkpoint import checkpoint_weights
 
 FORMAT_VERSION = 1
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -50,20 +51,28 @@ def tower_weights_name(modality: str) -> str:
 # ---------------------------------------------------------------- run dir -> model
 
 
+def _has_weights(folder: Path) -> bool:
+    """model.safetensors, or DeepSpeed's files that checkpoint_weights rebuilds it from."""
+    return (folder / "model.safetensors").is_file() or any(folder.glob("*model_states.pt"))
+
+
 def resolve_checkpoint(run_dir, tag: str | None = None) -> tuple[str, Path]:
-    """The (tag, model.safetensors path) to export: the given tag or the one `latest` names."""
+    """The (tag, checkpoint folder) to export: the given tag or the one `latest` names."""
     root = Path(run_dir) / "checkpoints"
     if tag is None:
         marker = root / "latest"
         if not marker.is_file():
-            found = sorted(p.name for p in root.glob("*") if (p / "model.safetensors").is_file())
+            found = sorted(p.name for p in root.glob("*") if p.is_dir() and _has_weights(p))
             hint = f"; checkpoints present: {', '.join(found)} (pass tag=...)" if found else ""
             raise ExportError(f"no checkpoint to export in {run_dir}: {marker} does not exist{hint}")
         tag = marker.read_text().strip()
-    weights = root / tag / "model.safetensors"
-    if not weights.is_file():
-        raise ExportError(f"checkpoint {tag!r} of {run_dir} has no weights file: {weights} does not exist")
-    return tag, weights
+    folder = root / tag
+    if not _has_weights(folder):
+        raise ExportError(
+            f"checkpoint {tag!r} of {run_dir} has no weights: neither {folder / 'model.safetensors'} "
+            "nor DeepSpeed's *model_states.pt files exist"
+        )
+    return tag, folder
 
 
 def step_of(tag: str) -> int | None:
@@ -78,11 +87,16 @@ def load_run_model(run_dir, tag: str | None = None):
     if not config_path.is_file():
         raise ExportError(f"{run_dir} is not a run directory: {config_path} does not exist")
     cfg = load_config(config_path)
-    tag, weights = resolve_checkpoint(run_dir, tag)
+    tag, folder = resolve_checkpoint(run_dir, tag)
     model = build_model(cfg.model, cfg.modalities)
+    weights = folder / "model.safetensors"
     try:
-        # load_model copes with files written by save_model (shared tensors deduplicated) and save_file.
-        load_model(model, str(weights), strict=True)
+        if weights.is_file():
+            # load_model copes with files written by save_model (shared tensors deduplicated) and save_file.
+            load_model(model, str(weights), strict=True)
+        else:  # a checkpoint saved without it: the fp32 weights rebuilt from DeepSpeed's files
+            weights = folder
+            model.load_state_dict(checkpoint_weights(folder), strict=True)
     except RuntimeError as exc:
         raise ExportError(f"{weights} does not match the model described by {config_path}: {exc}") from exc
     return cfg, model.eval(), tag

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_gpu_check_dry_mode_runs_its_steps_and_writes_its_figures(repo_root, tmp_path):
@@ -23,3 +24,8 @@ def test_gpu_check_dry_mode_runs_its_steps_and_writes_its_figures(repo_root, tmp
         assert run["returncode"] == 0 and run["finite"] and run["samples_per_s"] > 0, run
         assert run["seconds_to_first_step"] > 0
     assert "| demo | amp_bf16 | 2 |" in proc.stdout
+    assert Path(report["tests"]["log"]).read_text().strip()  # the device tests' whole output
+    speed = report["throughput"]
+    assert speed["returncode"] == 0, speed
+    assert speed["mmcontrast_samples_per_s"] > 0 and speed["open_clip_train_samples_per_s"] > 0
+    assert "against open_clip_train" in proc.stdout

@@ -1,5 +1,6 @@
 """The exported weights are the optimizer's float32 master weights at every ZeRO stage, in fp32
-and bf16: a bf16 run trains fp32 masters, and its 16-bit module copy is only their rounding.
+and bf16: a bf16 run trains fp32 masters, and its 16-bit module copy is only their rounding. A
+checkpoint saved without model.safetensors gives the same weights, rebuilt from DeepSpeed's files.
 
 The reference is read from DeepSpeed's own checkpoint files, not from the code under test:
 zero_to_fp32's merge of the partitioned optimizer state (stages 1-3), and the `fp32_groups`
@@ -45,7 +46,7 @@ def _train_and_compare(rank, world, root: str):
     from mmcontrast.config import load_config
     from mmcontrast.losses import Objective
     from mmcontrast.model.multimodal import build_model
-    from mmcontrast.train.checkpoint import save_checkpoint
+    from mmcontrast.train.checkpoint import checkpoint_weights, save_checkpoint
     from mmcontrast.train.engine import PRECISION_DTYPES, build_engine
     from mmcontrast.train.loop import to_device, train_step
     from tests.test_grad_cache import _batch
@@ -88,7 +89,20 @@ def _train_and_compare(rank, world, root: str):
             )  # masters may live on a GPU
         ]
         beyond_bf16 = sum(int((w.to(torch.bfloat16).float() != w).any()) for w in exported.values())
-        report[name] = {"compared": len(reference), "mismatched": mismatched[:5], "beyond_bf16": beyond_bf16}
+        # the same state saved without the weights file: rebuilt from DeepSpeed's files alone
+        light = save_checkpoint(engine, cfg.run.dir, 3, {}, keep=0, full_weights=False)
+        written = (ckpt_root / light / "model.safetensors").exists()
+        rebuilt = checkpoint_weights(ckpt_root / light)
+        differ = sorted(set(rebuilt) ^ set(exported)) + [
+            k for k in exported if k in rebuilt and not torch.equal(rebuilt[k], exported[k])
+        ]
+        report[name] = {
+            "compared": len(reference),
+            "mismatched": mismatched[:5],
+            "beyond_bf16": beyond_bf16,
+            "light_save_wrote_weights": written,
+            "rebuilt_differs": differ[:5],
+        }
         del engine
     return report
 
@@ -104,3 +118,5 @@ def test_every_stage_and_precision_exports_the_fp32_master_weights(tmp_path):
         )
         # trained float32 weights carry bits a bf16 copy cannot hold
         assert found["beyond_bf16"] > 10, name
+        assert not found["light_save_wrote_weights"], name
+        assert not found["rebuilt_differs"], f"{name}: rebuilt weights differ in {found['rebuilt_differs']}"

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mmcontrast.faults import NONFINITE_ENV, InjectedFault
 from mmcontrast.train.guard import FiniteGuardedAdamW, NonFiniteCounter, NonFiniteError
@@ -167,7 +166,9 @@ def _train(repo_root, shards, run, *extra, fault="", ranks=1):
 
 
 def _weights(run, step):
-    return load_file(str(run / "checkpoints" / f"step_{step:07d}" / "model.safetensors"))
+    from mmcontrast.train.checkpoint import checkpoint_weights
+
+    return checkpoint_weights(run / "checkpoints" / f"step_{step:07d}")  # rebuilt when not written
 
 
 def _records(run):

@@ -30,6 +30,11 @@ def _amp_engine_dtypes(_rank, _world, root: str):
     from tests.test_train_e2e import TINY
 
     os.environ["LOCAL_RANK"] = "0"  # DeepSpeed asks for it; run_ranks starts no launcher
+    # DeepSpeed's forward asks torch.is_autocast_enabled() with no device, which reads CUDA's
+    # state: on a GPU it sees an autocast entered outside it and switches it off, on CPU it does
+    # not see it. Answer for the CPU as a GPU would for CUDA, so the GPU's behaviour shows here.
+    cuda_style = torch.is_autocast_enabled
+    torch.is_autocast_enabled = lambda device_type=None: cuda_style(device_type or "cpu")
     found = {}
     for stage in (0, 2):
         cfg = load_config(
@@ -64,18 +69,21 @@ def _amp_engine_dtypes(_rank, _world, root: str):
             report["reduced_in"] = sorted(
                 {str(engine.optimizer.get_param_comm_dtype(p)) for p in engine.module.parameters()}
             )
+        report["engine_autocast"] = engine.torch_autocast_enabled()
         found[stage] = report
     return found
 
 
 def test_amp_bf16_runs_the_engines_forward_in_bf16_and_keeps_weights_and_gradients_in_fp32(tmp_path):
-    """DeepSpeed's engine switches off an autocast entered outside its forward: amp_bf16 must be
-    its own torch_autocast section, or the "bf16" run is fp32 (as it was, 0.65x open_clip on an H200)."""
+    """DeepSpeed's engine switches off an autocast entered outside its forward on a GPU: amp_bf16
+    must be its own torch_autocast section, or the "bf16" run is fp32 (as it was: 0.65x
+    open_clip_train on an H200, fp32 GEMM kernels in the profile)."""
     (found,) = run_ranks(1, _amp_engine_dtypes, str(tmp_path), timeout=300)
     for stage, report in found.items():
         assert report["linear_outputs"] == ["torch.bfloat16"], (stage, report)
         assert report["loss"] == "torch.float32", (stage, report)  # the losses score in fp32
         assert report["weights"] == report["grads"] == ["torch.float32"], (stage, report)
+        assert report["engine_autocast"], stage  # the engine's own torch_autocast section
     assert found[2]["reduced_in"] == ["torch.float32"]  # no gradient is reduced in bf16
 
 

@@ -303,3 +303,32 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(rank0_empty):
             _close(torch.cat([r[name][1][m] for r in ranks]) / 2, ref[1][m])
         _close(sum(r[name][1][3] for r in ranks) / 2, ref[1][3])
     assert all("differ between ranks" in r["mismatch"] for r in ranks)
+
+
+@pytest.mark.parametrize("negatives", ["n", "n_squared"])
+def test_one_host_read_per_call_on_a_full_batch(monkeypatch, negatives):
+    """On meta tensors any read of device memory fails: the loss, forward and backward, reads
+    the device only through valid_count_and_all (the sizes it needs), once."""
+    import importlib
+
+    symile_module = importlib.import_module("mmcontrast.losses.symile")
+    reads = []
+
+    def count_and_all(valid_all):
+        reads.append(valid_all.shape[0])
+        return valid_all.shape[0], True
+
+    monkeypatch.setattr(symile_module, "valid_count_and_all", count_and_all)
+    n = 6
+    reps = [torch.randn(n, 8, device="meta", requires_grad=True) for _ in range(3)]
+    scale = torch.ones((), device="meta", requires_grad=True)
+    generator = torch.Generator().manual_seed(0) if negatives == "n" else None
+    loss = symile_module.symile_loss(
+        reps,
+        scale,
+        negatives=negatives,
+        valid=torch.ones(n, dtype=torch.bool, device="meta"),
+        generator=generator,
+    )
+    loss.backward()
+    assert reads == [n] and all(r.grad.shape == r.shape for r in reps)

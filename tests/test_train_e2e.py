@@ -153,20 +153,27 @@ def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path,
     assert (
         (tag / "rank0.pt").exists() and (tag / "rank1.pt").exists() and (tag / "model.safetensors").exists()
     )
+    # only the final checkpoint carries the full weights file (train.weights_every=0)
+    assert not (run_dir / "checkpoints" / "step_0000003" / "model.safetensors").exists()
     evals = [r["step"] for r in _metrics(run_dir) if "val/demo-classes/image/top1" in r]
     assert evals == [3, 6], "periodic (step 3) and final (step 6) evaluations expected"
     if nodes == 1:
         check_final_eval_matches_export(run_dir, world, tmp_path / "export")
+        # step 3's weights, rebuilt from DeepSpeed's files, are the ones evaluated at step 3
+        check_final_eval_matches_export(run_dir, world, tmp_path / "export-3", step=3)
 
 
-def check_final_eval_matches_export(run_dir: Path, world: Path, export_dir: Path) -> None:
-    """The 2-rank in-training evaluation equals `mmcontrast eval` of the final export in one
-    process, and each rank encoded half of every benchmark."""
+def check_final_eval_matches_export(
+    run_dir: Path, world: Path, export_dir: Path, step: int | None = None
+) -> None:
+    """The 2-rank in-training evaluation (the final one, or at `step`) equals `mmcontrast eval`
+    of that checkpoint's export in one process, and each rank encoded half of every benchmark."""
     from mmcontrast.eval import evaluate_export
     from mmcontrast.export import export_run
 
-    final = [r for r in _metrics(run_dir) if "val/demo-classes/image/top1" in r][-1]
-    export_run(run_dir, export_dir)
+    evaluations = [r for r in _metrics(run_dir) if "val/demo-classes/image/top1" in r]
+    final = evaluations[-1] if step is None else next(r for r in evaluations if r["step"] == step)
+    export_run(run_dir, export_dir, tag=None if step is None else f"step_{step:07d}")
     folders = [world / "benchmarks" / name for name in ("demo-classes", "demo-retrieval")]
     alone = evaluate_export(export_dir, folders, batch_size=16)
     assert {f"val/{k}" for k in alone} <= final.keys()

@@ -100,6 +100,7 @@ def gram_loss(
     scale = 1.0 / temperature
     # Small tiles: each tile's autograd graph holds ~10 (n x tile) tensors of the closed-form det.
     opts = {"label_smoothing": label_smoothing, "tile": tile or DEFAULT_GRAM_TILE}
+    opts["masking"] = (not every, not every)  # decided by the one read above: the core reads nothing
     _, world = world_info()
     if world == 1:
         targets = torch.arange(n, device=anchor.device)

@@ -66,11 +66,12 @@ def _shuffled_scores(rows, cols, start, stop, targets):
     (keys,) = cols
     scaled = scale * anchor.float()
     s = scaled @ keys[start:stop].float().T
-    here = ((targets >= start) & (targets < stop)).nonzero().squeeze(1)
-    if here.numel():
-        true_mip = (scaled[here] * positive[here].float()).sum(1)
-        s = s.index_put((here, targets[here] - start), true_mip)
-    return s
+    # rows whose target column lies in this tile take their true tuple's MIP there; the others
+    # write back what is there: no host read of which rows those are
+    inside = (targets >= start) & (targets < stop)
+    column = (targets - start).clamp(0, stop - start - 1)[:, None]
+    true_mip = (scaled * positive.float()).sum(1, keepdim=True)
+    return s.scatter(1, column, torch.where(inside[:, None], true_mip, s.gather(1, column)))
 
 
 def _fingerprint(perms) -> torch.Tensor:
@@ -99,6 +100,13 @@ def _draw_permutations(n_modalities, n_valid, generator, world, device):
         ]
         for _ in range(n_modalities)
     ]
+
+
+def valid_count_and_all(valid_all: torch.Tensor) -> tuple[int, bool]:
+    """(valid samples in the global batch, whether all are): the loss's one host read, since the
+    sizes of the permutations and of the tuple space depend on it."""
+    count, every = torch.stack([valid_all.sum(), valid_all.all().long()]).tolist()
+    return count, bool(every)
 
 
 def symile_loss(
@@ -157,14 +165,16 @@ def symile_loss(
     else:
         reps_all = [gather_rows(r)[0] for r in reps]
         valid_all, offset = gather_rows(valid)
-    n_valid = int(valid_all.sum())
+    n_valid, everything = valid_count_and_all(valid_all)
     if n_valid == 0:
         return sum(r.sum() for r in reps) * 0.0
-    everything = bool(valid_all.all())
     cols = reps_all if everything else [r[valid_all] for r in reps_all]
     rows = reps if everything else [r[valid] for r in reps]
     # position of each local valid row among the global valid samples = its column
-    position = (torch.cumsum(valid_all.long(), 0) - 1)[offset : offset + n][valid]
+    if everything:
+        position = torch.arange(offset, offset + n, device=device)
+    else:
+        position = (torch.cumsum(valid_all.long(), 0) - 1)[offset : offset + n][valid]
 
     if negatives == "n":
         chosen = generator is not None or permutations is not None

@@ -190,7 +190,9 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, score_fn, n_rows_inputs, targets, row_valid, col_valid, eps, tile, square, *inputs):
+    def forward(
+        ctx, score_fn, n_rows_inputs, targets, row_valid, col_valid, eps, tile, square, masking, *inputs
+    ):
         rows, cols = inputs[:n_rows_inputs], inputs[n_rows_inputs:]
         n, n_cols = targets.shape[0], col_valid.shape[0]
         device = targets.device
@@ -200,7 +202,8 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
         target_scores = torch.zeros(n, device=device)
         col_lse = torch.zeros(n_cols if square else 0, device=device)
         col_mean = torch.zeros(n_cols if square else 0, device=device)
-        ctx.masking = _needs_masking(col_valid, row_valid)  # read once; the backward reuses it
+        # read once (unless the caller knows); the backward reuses it
+        ctx.masking = masking if masking is not None else _needs_masking(col_valid, row_valid)
         cols_masked = ctx.masking[0]
         for start in range(0, n_cols, tile):
             stop = min(start + tile, n_cols)
@@ -283,7 +286,7 @@ class TiledScoreCrossEntropy(torch.autograd.Function):
                         acc += part
         it = iter(grads)
         input_grads = [next(it).to(x.dtype) if x.requires_grad else None for x in leaves]
-        return (None, None, None, None, None, None, None, None, *input_grads)
+        return (None, None, None, None, None, None, None, None, None, *input_grads)
 
 
 def tiled_score_cross_entropy(
@@ -298,16 +301,21 @@ def tiled_score_cross_entropy(
     label_smoothing=0.0,
     tile=None,
     square=False,
+    masking=None,
 ):
     """Per-row (and with square=True per-column) cross-entropy over n_cols generated columns.
 
     score_fn(rows, cols, start, stop) -> (n, stop - start) scores of columns [start, stop),
     differentiable in the `rows` and `cols` tensors; targets: (n,) positive column per row;
     row_valid (n,), col_valid (n_cols,) bool. square=True: rows and columns are the same n
-    samples with targets == arange(n). Returns (row_loss (n,), col_loss (n_cols,) or (0,)).
+    samples with targets == arange(n). masking: (some column invalid, some row invalid) when the
+    caller knows; without masks nothing is masked. Otherwise the core reads the masks once.
+    Returns (row_loss (n,), col_loss (n_cols,) or (0,)).
     """
     n = targets.shape[0]
     device = targets.device
+    if masking is None and row_valid is None and col_valid is None:
+        masking = (False, False)  # the all-valid masks made below: nothing to read
     row_valid = torch.ones(n, dtype=torch.bool, device=device) if row_valid is None else row_valid
     col_valid = torch.ones(n_cols, dtype=torch.bool, device=device) if col_valid is None else col_valid
     tile = tile or default_tile(n)
@@ -320,6 +328,7 @@ def tiled_score_cross_entropy(
         float(label_smoothing),
         int(tile),
         bool(square),
+        masking,
         *rows,
         *cols,
     )

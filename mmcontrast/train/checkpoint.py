@@ -1,8 +1,10 @@
 """Checkpoints that resume exactly and never leave a half-written latest one.
 
 Layout: RUN_DIR/checkpoints/<tag>/ holds DeepSpeed's files (model, optimizer, scheduler),
-rank<r>.pt per rank (step, RNG states, data position), model.safetensors (full fp32 weights
-for export) and manifest.json (the SHA-256 of every file, written once all are fsynced).
+rank<r>.pt per rank (step, RNG states, data position), model.safetensors (full fp32 weights,
+written at the final step and at train.weights_every; `checkpoint_weights` rebuilds them from
+DeepSpeed's files for any other checkpoint) and manifest.json (the SHA-256 of every file,
+written once all are fsynced).
 RUN_DIR/checkpoints/latest names the newest complete tag; it is replaced atomically only after
 every rank has finished writing. A resume verifies the manifest and falls back to the newest
 intact checkpoint, saying which file was damaged.
@@ -18,6 +20,8 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +107,70 @@ def full_state_dict(engine, every_rank: bool = False) -> dict[str, torch.Tensor]
     return state
 
 
+def _master_names(engine) -> list[list[str]] | None:
+    """For the stage-0 16-bit wrapper: the parameter names of its float32 master groups, in
+    their order, so `checkpoint_weights` can place the saved masters without an engine."""
+    if engine.zero_optimization_stage() != 0 or not _unpartitioned_masters(engine.optimizer):
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    return [[names[id(p)] for p in group] for group in engine.optimizer.fp16_groups]
+
+
+def _rebuildable_from_deepspeed_files(engine) -> bool:
+    """Whether `checkpoint_weights` can rebuild this engine's fp32 weights from its checkpoint
+    files: ZeRO 1-3 (DeepSpeed's zero_to_fp32), fp32 at stage 0, and bf16 at stage 0 (the
+    per-parameter masters). fp16 at stage 0 keeps flat masters: its checkpoints always carry
+    model.safetensors."""
+    return (
+        engine.zero_optimization_stage() > 0
+        or not _trains_master_weights(engine)
+        or bool(_unpartitioned_masters(engine.optimizer))
+    )
+
+
+MASTER_NAMES = "mmcontrast_master_names"  # client-state key in DeepSpeed's model-states file
+
+
+def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The full float32 weights of the checkpoint in `folder`, as model.safetensors holds them:
+    that file when the save wrote it, else rebuilt from DeepSpeed's files alone (no engine, no
+    process group): ZeRO 1-3 through DeepSpeed's zero_to_fp32 merge of the partitioned master
+    weights; stage 0 from the module state, with a 16-bit run's float32 masters in place of
+    their rounded copies."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "model.safetensors"))
+    states_files = sorted(
+        folder.glob("*model_states.pt")
+    )  # ZeRO-3 writes one per rank (zero_pp_rank_<r>_...)
+    if not states_files:
+        raise FileNotFoundError(
+            f"checkpoint {folder} has neither model.safetensors nor DeepSpeed's *model_states.pt files"
+        )
+    states_file = states_files[0]
+    # DeepSpeed's own file, which its loader reads the same way (it pickles the config and more)
+    saved = torch.load(states_file, map_location="cpu", weights_only=False)
+    config = saved.get("ds_config") or {}
+    if (config.get("zero_optimization") or {}).get("stage", 0) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return _fp32_copy(get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name))
+    state = dict(saved["module"])
+    if (config.get("bf16") or {}).get("enabled") or (config.get("fp16") or {}).get("enabled"):
+        names, masters = saved.get(MASTER_NAMES), (saved.get("optimizer") or {}).get("fp32_groups")
+        if names is None or masters is None:
+            raise RuntimeError(
+                f"checkpoint {folder} holds 16-bit weights but no float32 masters mmcontrast can place; "
+                "export a checkpoint that has model.safetensors"
+            )
+        for group_names, group_masters in zip(names, masters, strict=True):
+            for name, master in zip(group_names, group_masters, strict=True):
+                state[name] = master.reshape(state[name].shape)
+    return _fp32_copy(state)
+
+
 def _unpartitioned_masters(optimizer) -> dict[int, torch.Tensor]:
     """id(16-bit parameter) -> its float32 master, for DeepSpeed's stage-0 16-bit wrapper
     (FP16_UnfusedOptimizer, which bf16 at stage 0 uses with a torch optimizer): it keeps
@@ -147,8 +215,27 @@ def describe_write_failure(folder: Path, exc: BaseException) -> str:
     return message
 
 
-def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, weights_files=None) -> str:
+def save_checkpoint(
+    engine,
+    run_dir,
+    step: int,
+    rank_state: dict,
+    keep: int,
+    weights_files=None,
+    full_weights: bool = True,
+    background: bool = False,
+) -> str:
     """Collective: every rank calls it. Returns the tag written.
+
+    full_weights: also gather and write model.safetensors (the trainer asks at the final step and
+    at train.weights_every). Without it the save costs only DeepSpeed's own write plus the rank
+    files and checksums; `checkpoint_weights` rebuilds the weights when an export needs them.
+    An engine whose masters cannot be rebuilt that way (fp16 at stage 0) always writes them.
+
+    background: return once the files are written (DeepSpeed's write, the rank files, the
+    weights); fsync, checksums, `latest` and the removal of old checkpoints then run in a thread
+    beside training. Until it is done `latest` names the previous checkpoint, so a crash
+    resumes from that one. The next save, and finish_checkpoints(), wait for it.
 
     weights_files: {name: state dict} rank 0 also writes as <tag>/<name>.safetensors (e.g. the
     EMA teacher), before `latest` moves, so a resumed run finds them with the rest. A failed
@@ -158,44 +245,119 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, keep: int, wei
     """
     root = checkpoint_root(run_dir)
     tag = f"step_{step:07d}"
+    finish_checkpoints()  # one save in flight at most
     try:
-        _write_checkpoint(engine, root, tag, step, rank_state, weights_files)
+        full_weights = full_weights or not _rebuildable_from_deepspeed_files(engine)
+        _write_checkpoint(engine, root, tag, step, rank_state, weights_files, full_weights)
+        dist.barrier()  # every rank's files are written: the list each rank checksums is final
+        files = _my_files(root / tag)
+        if not background:
+            _finish_checkpoint(root, tag, files, keep, dist.get_rank(), dist.get_world_size())
     except Exception as exc:
         message = describe_write_failure(root / tag, exc)
         shutil.rmtree(root / tag, ignore_errors=True)  # never resumed from (no `latest`); frees its space
         log.error("%s The partial folder was removed; `latest` still names the previous checkpoint.", message)
         raise CheckpointWriteError(message) from exc
-    if dist.get_rank() == 0:
-        tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
-            if old != tag:
-                shutil.rmtree(root / old, ignore_errors=True)
-    dist.barrier()
+    if background:
+        _start_finishing(root, tag, files, keep)
+    else:
+        dist.barrier()  # `latest` has moved for every rank
     return tag
 
 
-def _write_checkpoint(engine, root: Path, tag: str, step: int, rank_state: dict, weights_files) -> None:
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+_finishing: dict = {"thread": None, "error": None}  # the background part of the last save
+
+
+def _start_finishing(root: Path, tag: str, files: list[Path], keep: int) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def run():
+        try:
+            _finish_checkpoint(root, tag, files, keep, rank, world)
+        except BaseException as exc:  # raised by finish_checkpoints(), in the training thread
+            _finishing["error"] = (root / tag, exc)
+
+    thread = threading.Thread(target=run, name=f"checkpoint-{tag}", daemon=True)
+    _finishing["thread"] = thread
+    thread.start()
+
+
+def finish_checkpoints(timeout: float | None = None) -> None:
+    """Waits for the background part of the last save_checkpoint(background=True): checksums,
+    `latest`, old checkpoints removed. Raises CheckpointWriteError if it failed. Not collective.
+    timeout: give up waiting after that many seconds (a run leaving on an error), saying so."""
+    thread, _finishing["thread"] = _finishing["thread"], None
+    if thread is not None:
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("%s was still finishing; `latest` names the checkpoint before it", thread.name)
+            return
+    failure, _finishing["error"] = _finishing["error"], None
+    if failure is not None:
+        folder, exc = failure
+        message = describe_write_failure(folder, exc)
+        log.error("%s `latest` still names the previous checkpoint.", message)
+        raise CheckpointWriteError(message) from exc
+
+
+def _finish_checkpoint(root: Path, tag: str, files: list[Path], keep: int, rank: int, world: int) -> None:
+    """No collective, so it can run beside training: this rank fsyncs and checksums its share of
+    the files into a part manifest; rank 0 waits for every part, writes manifest.json, moves
+    `latest` and removes checkpoints beyond `keep`."""
+    folder = root / tag
+    mine = {}
+    for path in files:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        mine[str(path.relative_to(folder))] = _sha256(path)
+    _write_atomic(folder / f"{MANIFEST_PART}{rank}", json.dumps(mine))
+    if rank != 0:
+        return
+    parts = [folder / f"{MANIFEST_PART}{r}" for r in range(world)]
+    deadline = time.monotonic() + MANIFEST_WAIT_S
+    while not all(part.is_file() for part in parts):  # the folder is on a filesystem every rank shares
+        if time.monotonic() > deadline:
+            missing = [part.name for part in parts if not part.is_file()]
+            raise TimeoutError(f"ranks did not finish their checksums within {MANIFEST_WAIT_S} s: {missing}")
+        time.sleep(0.05)
+    merged = {}
+    for part in parts:
+        merged.update(json.loads(part.read_text()))
+    _write_atomic(folder / MANIFEST, json.dumps({"sha256": dict(sorted(merged.items()))}, indent=1))
+    for part in parts:
+        part.unlink()
+    _write_atomic(root / "latest", tag)
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir() and p.name <= tag)
+    for old in tags[:-keep]:
+        shutil.rmtree(root / old, ignore_errors=True)
+
+
+def _write_checkpoint(
+    engine, root: Path, tag: str, step: int, rank_state: dict, weights_files, full_weights: bool
+) -> None:
+    client_state = {"step": step}
+    master_names = _master_names(engine)
+    if master_names is not None:
+        client_state[MASTER_NAMES] = master_names
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
     torch.save({"step": step, "rng": rng_state(), **rank_state}, root / tag / f"rank{rank}.pt")
     faults.kill_point("checkpoint")
     # Gathering ZeRO partitions and master weights is collective: every rank takes part then;
     # otherwise only rank 0 needs the full copy it writes.
     collective = engine.zero_optimization_stage() == 3 or _trains_master_weights(engine)
-    if rank == 0 or collective:
+    if full_weights and (rank == 0 or collective):
         weights = full_state_dict(engine)
         if rank == 0:
             save_file(weights, str(root / tag / "model.safetensors"))
     if rank == 0:
         for name, state in (weights_files or {}).items():
             save_file(state, str(root / tag / f"{name}.safetensors"))
-    dist.barrier()
-    write_manifest(root / tag)  # checksums of the complete checkpoint, before `latest` moves
-    if rank == 0:
-        _write_atomic(root / "latest", tag)
 
 
 MANIFEST = "manifest.json"
+MANIFEST_PART = "manifest.part.rank"  # one per rank while a save finishes; merged, then removed
+MANIFEST_WAIT_S = 1800.0  # rank 0 waits this long for the other ranks' parts
 # numpy's RNG state (a uint32 array) is all rank<r>.pt holds beyond tensors and plain data
 _NUMPY_RNG_STATE = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
@@ -210,22 +372,12 @@ def _sha256(path: Path) -> str:
 
 def _my_files(folder: Path) -> list[Path]:
     """This rank's share of a checkpoint folder's files (each rank reads 1/world of the bytes)."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(MANIFEST_PART)
+    )
     return files[dist.get_rank() :: dist.get_world_size()]
-
-
-def write_manifest(folder: Path) -> None:
-    """Collective: fsync every file of the checkpoint and record its SHA-256 in manifest.json."""
-    mine = {}
-    for path in _my_files(folder):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-        mine[str(path.relative_to(folder))] = _sha256(path)
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    if dist.get_rank() == 0:
-        files = {name: digest for part in parts for name, digest in sorted(part.items())}
-        _write_atomic(folder / MANIFEST, json.dumps({"sha256": files}, indent=1, sort_keys=True))
 
 
 def damaged_files(folder: Path) -> list[str]:
@@ -327,9 +479,7 @@ def load_checkpoint(engine, run_dir, tag: str | None = None, universal: bool = F
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
     if universal:  # the universal format holds parameters only: buffers (BatchNorm) come from the full copy
-        from safetensors.torch import load_file
-
-        weights = load_file(str(root / tag / "model.safetensors"))
+        weights = checkpoint_weights(root / tag)
         with torch.no_grad():
             for name, buffer in engine.module.named_buffers():
                 if name in weights:

@@ -21,6 +21,8 @@ from mmcontrast.data.pipeline import check_shard_urls_on_each_node, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
 from mmcontrast.train.checkpoint import (
+    CheckpointWriteError,
+    finish_checkpoints,
     full_state_dict,
     load_checkpoint,
     load_data_positions,
@@ -227,6 +229,12 @@ def train(cfg: Config, resume: bool | str = False) -> dict:
     stop = StopRequest()
     try:
         return _train(cfg, resume, rank, world, stop)
+    except BaseException:
+        try:  # a checkpoint saved in the background a few steps ago can still become `latest`
+            finish_checkpoints(timeout=60)
+        except CheckpointWriteError:
+            pass  # already logged; the error that ended the run is the one to raise
+        raise
     finally:
         stop.close()
 
@@ -392,6 +400,10 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                 {"data": loader.state_dict(), "nonfinite": nonfinite.state_dict()},
                 cfg.train.keep_checkpoints,
                 weights_files={"teacher": teacher.state_dict()} if teacher is not None else None,
+                full_weights=step == cfg.train.steps
+                or bool(cfg.train.weights_every and step % cfg.train.weights_every == 0),
+                # checksums and `latest` beside the next steps; the last save of a run finishes here
+                background=not stopping and step < cfg.train.steps,
             )
             nonfinite.last_checkpoint = step
         if stopping and step < cfg.train.steps:
