@@ -150,7 +150,11 @@ def checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
             f"checkpoint {folder} has neither model.safetensors nor DeepSpeed's *model_states.pt files"
         )
     states_file = states_files[0]
-    # DeepSpeed's own file, which its loader reads the same way (it pickles the config and more)
+    # DeepSpeed's own files need a full unpickler (they pickle the config and more): refuse any
+    # that names code first, as --resume does
+    from mmcontrast.train.safe_pickle import check_checkpoint_pickles
+
+    check_checkpoint_pickles(folder)
     saved = torch.load(states_file, map_location="cpu", weights_only=False)
     config = saved.get("ds_config") or {}
     if (config.get("zero_optimization") or {}).get("stage", 0) > 0:
