@@ -10,7 +10,7 @@ DEMO := demo_out
 DEMO_TRAIN ?= 8000
 DEMO_VAL ?= 1000
 
-.PHONY: demo demo-coca test test-fast lint format install sysdeps clean
+.PHONY: demo demo-coca bind-audio test test-fast lint format install sysdeps clean
 
 $(BIN)/.installed: setup.cfg constraints.txt pyproject.toml
 	@$(MAKE) --no-print-directory sysdeps
@@ -36,6 +36,14 @@ demo: install
 	$(BIN)/mmcontrast eval $(DEMO)/export --out $(DEMO)/metrics.json \
 	  --benchmark $(DEMO)/world/benchmarks/demo-classes --benchmark $(DEMO)/world/benchmarks/demo-retrieval \
 	  --benchmark $(DEMO)/world/benchmarks/demo-composition
+
+# Bind a new audio tower to `make demo`'s exported image-text model, image and text locked.
+bind-audio: install
+	test -d $(DEMO)/export || $(MAKE) demo
+	$(BIN)/mmcontrast train configs/bind-audio.yaml run.dir=$(DEMO)/run-bind-audio model.pretrained=$(DEMO)/export
+	$(BIN)/mmcontrast export $(DEMO)/run-bind-audio --out $(DEMO)/export-bind-audio
+	$(BIN)/mmcontrast eval $(DEMO)/export-bind-audio --out $(DEMO)/metrics-bind-audio.json \
+	  --benchmark $(DEMO)/world/benchmarks/demo-classes --benchmark $(DEMO)/world/benchmarks/demo-retrieval
 
 # CoCa (+ audio) on the same world: captions next to zero-shot and retrieval.
 demo-coca: install

@@ -5,6 +5,7 @@ pipeline, no logging. Both sides hold the same open_clip model (same initial wei
     python benchmarks/step_overhead.py --model ViT-B-32 --batch 32 --steps 6
     python benchmarks/step_overhead.py --profile          # also: where each side's step goes
     python benchmarks/step_overhead.py --model ViT-B-16 --batch 256 --precision amp_bf16 --profile  # a GPU
+    python benchmarks/step_overhead.py --model ViT-B-32 --batch 32 --lock-image  # LiT, and unlocked beside
 
 mmcontrast: what `mmcontrast train` does per step: the batch's copy to the device as its loader
 hands it over (uint8 images, normalised there), the buffer snapshot, `train_step` on its
@@ -13,7 +14,9 @@ open_clip_train: the body of its `train_one_epoch`: the copy of the float images
 ClipLoss, AdamW as its main.py builds it, clip_grad_norm_ 1.0, the logit-scale clamp; with
 amp_bf16 the forward and loss under bf16 autocast, as its `get_autocast` gives. Rounds alternate the order; printed: median seconds per step of each side and
 the ratio open_clip / mmcontrast (above 1: mmcontrast is faster), and with --profile the phases
-of each step and the operators taking the most self time on each side.
+of each step and the operators taking the most self time on each side. --lock-image locks the
+image tower on both sides (model.lock.image: true; open_clip_train's --lock-image) and times
+mmcontrast's unlocked step as a third side.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ def pinned(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.pin_memory() if torch.cuda.is_available() else tensor
 
 
-def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device, precision: str):
+def mmcontrast_side(
+    clip_cfg: dict, batch_size: int, device: torch.device, precision: str, lock: dict | None = None
+):
     """(step(), model, phases(), batch) for mmcontrast's train_step on its engine."""
     from mmcontrast.config import config_from_dict
     from mmcontrast.data.image import split_device_normalize
@@ -70,7 +75,7 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device, preci
         {
             "run": {"dir": "/nonexistent", "wandb": "disabled"},
             "data": {"train": "unused", "fields": {"image": "jpg", "text": "txt"}, "batch_size": batch_size},
-            "model": {"clip": clip_cfg},
+            "model": {"clip": clip_cfg, "lock": lock or {}},
             "loss": {"terms": [{"name": "info_nce", "pairs": "all"}]},
             "train": {
                 "steps": 10**6,
@@ -132,7 +137,9 @@ def mmcontrast_side(clip_cfg: dict, batch_size: int, device: torch.device, preci
     return step, model.clip, phases, float_batch
 
 
-def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.device, precision: str):
+def open_clip_side(
+    clip_cfg: dict, weights: dict, batch: dict, device: torch.device, precision: str, lock_image: bool = False
+):
     """(step(), phases()) for the body of open_clip_train's train_one_epoch."""
     import contextlib
 
@@ -144,6 +151,8 @@ def open_clip_side(clip_cfg: dict, weights: dict, batch: dict, device: torch.dev
     model.load_state_dict(weights)
     model.output_dict = True  # as open_clip_train creates it
     model.train()
+    if lock_image:  # open_clip_train's --lock-image (no unlocked groups, batch-norm statistics free)
+        model.lock_image_tower(unlocked_groups=0, freeze_bn_stats=False)
     named = list(model.named_parameters())
 
     def exclude(n, p):  # open_clip_train/main.py's weight-decay split
@@ -246,13 +255,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "amp_bf16"])
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--lock-image", action="store_true", help="LiT on both sides; unlocked mmcontrast beside"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     clip_cfg = model_config(args.model)
-    ours, our_model, our_phases, batch = mmcontrast_side(clip_cfg, args.batch, device, args.precision)
-    theirs, their_phases = open_clip_side(clip_cfg, our_model.state_dict(), batch, device, args.precision)
+    lock = {"image": True} if args.lock_image else None
+    ours, our_model, our_phases, batch = mmcontrast_side(clip_cfg, args.batch, device, args.precision, lock)
+    theirs, their_phases = open_clip_side(
+        clip_cfg, our_model.state_dict(), batch, device, args.precision, args.lock_image
+    )
     sides = {"mmcontrast": ours, "open_clip_train": theirs}
+    if args.lock_image:
+        sides["mmcontrast unlocked"] = mmcontrast_side(clip_cfg, args.batch, device, args.precision)[0]
     for step in sides.values():
         timed(step, args.warmup, device)
 
@@ -260,14 +277,18 @@ def main() -> int:
     for r in range(args.rounds):
         for name in sides if r % 2 == 0 else reversed(sides):
             medians[name].append(statistics.median(timed(sides[name], args.steps, device)))
-    print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device.type}: median s/step per round")
-    print("| round | mmcontrast | open_clip_train | ratio (theirs / ours) |")
-    print("|---|---|---|---|")
-    for r in range(args.rounds):
-        a, b = medians["mmcontrast"][r], medians["open_clip_train"][r]
-        print(f"| {r} | {a:.4f} | {b:.4f} | {b / a:.3f} |")
-    a, b = statistics.mean(medians["mmcontrast"]), statistics.mean(medians["open_clip_train"])
-    print(f"| mean | {a:.4f} | {b:.4f} | {b / a:.3f} |")
+    locked = ", image tower locked" if args.lock_image else ""
+    print(
+        f"\n{args.model}, batch {args.batch}, {args.precision}, {device.type}{locked}: median s/step per round"
+    )
+    others = [name for name in sides if name != "mmcontrast"]
+    print("| round | " + " | ".join(sides) + " | " + " | ".join(f"{o} / mmcontrast" for o in others) + " |")
+    print("|---" * (1 + len(sides) + len(others)) + "|")
+    for r in [*range(args.rounds), "mean"]:
+        cells = {n: statistics.mean(m) if r == "mean" else m[r] for n, m in medians.items()}
+        times = " | ".join(f"{cells[n]:.4f}" for n in sides)
+        ratios = " | ".join(f"{cells[o] / cells['mmcontrast']:.3f}" for o in others)
+        print(f"| {r} | {times} | {ratios} |")
 
     if args.profile:
         print("\nphases, median s over the timed steps")

@@ -69,7 +69,7 @@ def _cmd_train(args) -> None:
 def _cmd_export(args) -> None:
     from mmcontrast.export import export_run
 
-    print(export_run(args.run_dir, args.out, tag=args.tag))
+    print(export_run(args.run_dir, args.out, tag=args.tag, ema=args.ema))
 
 
 def _cmd_eval(args) -> None:
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
     export.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    export.add_argument(
+        "--ema", action="store_true", help="export the checkpoint's weight average (a run with train.ema)"
+    )
     export.set_defaults(func=_cmd_export)
 
     ev = sub.add_parser("eval", help="an export's metrics on benchmark folders")

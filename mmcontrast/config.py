@@ -67,6 +67,9 @@ class AudioTowerConfig:
     n_fft: int = 400
     hop_length: int = 160
     n_mels: int = 64
+    # starting weights: an mmcontrast export folder (its audio_tower.safetensors) or a timm
+    # checkpoint file of the backbone (classifier dropped, RGB stem summed to one channel)
+    pretrained: str = ""
 
 
 @dataclass
@@ -78,6 +81,24 @@ class ModelConfig:
     init_logit_bias: float | None = None  # a learnable logit bias (SigLIP: -10, with scale ln 10)
     # open_clip's training augmentation (AugmentationCfg keys), e.g. {scale: [0.9, 1.0]}
     image_augment: dict[str, Any] = field(default_factory=dict)
+    # starting image/text weights (local files only): an open_clip checkpoint (.pt, .bin,
+    # .safetensors, as open_clip_train writes them) or a local-dir folder (an mmcontrast export);
+    # "" with model.clip "local-dir:DIR" loads that folder's weights. Only a fresh run loads them.
+    pretrained: str = ""
+    # refuse starting weights with missing, unexpected or misshapen keys; false loads what fits
+    # and lists the rest
+    pretrained_strict: bool = True
+    # LiT: {image: true, text: {unlocked_layers: 2}, audio: {unlocked_groups: 1}}; a tower
+    # locked whole runs in eval mode without autograd (see model/tower_groups.py)
+    lock: dict[str, Any] = field(default_factory=dict)
+    # FLIP: the fraction of image patches dropped in training (ViT image towers)
+    patch_dropout: float = 0.0
+
+
+@dataclass
+class EmaConfig:
+    decay: float = 0.9998
+    every: int = 1  # optimizer steps between updates
 
 
 @dataclass
@@ -132,6 +153,14 @@ class TrainConfig:
     # checkpoints that also hold the full fp32 weights (model.safetensors): the final one, and
     # every this many steps (0: no others; an export rebuilds them from DeepSpeed's files)
     weights_every: int = 0
+    # learning-rate multipliers per tower ({image: 0.1}; 1 where absent) and layer-wise decay
+    # per tower ({image: 0.75}: each layer group below the top one takes 0.75x the next one's);
+    # the schedule scales every group
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    layer_decay: dict[str, float] = field(default_factory=dict)
+    # an exponential moving average of the weights ({decay: 0.9998, every: 1}), checkpointed,
+    # evaluated beside the raw weights (val_ema/...) and exported with `mmcontrast export --ema`
+    ema: EmaConfig | None = None
     # a step with a non-finite loss or gradient is skipped on every rank; this many in a row
     # stop the run (no checkpoint is written from that state)
     max_nonfinite_steps: int = 10
@@ -354,6 +383,7 @@ def validate(cfg: Config) -> Config:
         cfg.model.clip,
         "an open_clip model name or config dict",
     )
+    _validate_starting_weights(cfg)
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "an integer >= 1")
     names = [Path(b).name for b in cfg.eval.benchmarks]
     _check(
@@ -451,6 +481,67 @@ def validate(cfg: Config) -> Config:
                 "a number (e.g. -10) when a siglip term is configured",
             )
     return cfg
+
+
+def _validate_starting_weights(cfg: Config) -> None:
+    """model.pretrained / lock / patch_dropout, train.lr_scale / layer_decay / ema."""
+    from mmcontrast.model.tower_groups import LOCK_OPTIONS  # late: the model imports torch
+
+    m, t = cfg.model, cfg.train
+    clip = m.clip if isinstance(m.clip, str) else ""
+    _check(
+        not clip.startswith("hf-hub:"),
+        "model.clip",
+        clip,
+        "an open_clip model name, a config dict or local-dir:FOLDER (nothing is downloaded; give "
+        "downloaded weights as model.pretrained)",
+    )
+    for key, spec in (
+        ("model.pretrained", m.pretrained),
+        ("model.audio.pretrained", m.audio and m.audio.pretrained),
+    ):
+        if spec:
+            path = Path(spec.removeprefix("local-dir:"))
+            _check(path.exists(), key, spec, "an existing local file or folder (nothing is downloaded)")
+    if m.audio is not None:
+        _check(
+            "pretrained" not in m.audio.backbone_kwargs,
+            "model.audio.backbone_kwargs.pretrained",
+            m.audio.backbone_kwargs.get("pretrained"),
+            "no hub download: give a local timm checkpoint file as model.audio.pretrained",
+        )
+    _check(0 <= m.patch_dropout < 1, "model.patch_dropout", m.patch_dropout, "0 <= p < 1")
+    for modality, value in m.lock.items():
+        _check(modality in LOCK_OPTIONS, f"model.lock.{modality}", value, ", ".join(LOCK_OPTIONS))
+        options = LOCK_OPTIONS[modality]
+        allowed = f"true, false or {{{', '.join(options)}}}"
+        _check(isinstance(value, (bool, dict)), f"model.lock.{modality}", value, allowed)
+        for key, option in value.items() if isinstance(value, dict) else ():
+            _check(key in options, f"model.lock.{modality}.{key}", option, allowed)
+            good = isinstance(option, bool) if options[key] is bool else type(option) is int and option >= 0
+            _check(
+                good,
+                f"model.lock.{modality}.{key}",
+                option,
+                "true or false" if options[key] is bool else "an integer >= 0",
+            )
+    for key, table, low, high in (
+        ("train.lr_scale", t.lr_scale, 0, None),
+        ("train.layer_decay", t.layer_decay, 0, 1),
+    ):
+        for modality, value in table.items():
+            _check(modality in MODALITIES, f"{key}.{modality}", value, ", ".join(MODALITIES))
+            ok = value > low and (high is None or value <= high)
+            _check(ok, f"{key}.{modality}", value, f"a number > {low}" + (f" and <= {high}" if high else ""))
+    if t.ema is not None:
+        _check(0 < t.ema.decay < 1, "train.ema.decay", t.ema.decay, "0 < decay < 1")
+        _check(t.ema.every >= 1, "train.ema.every", t.ema.every, "an integer >= 1")
+        _check(
+            t.zero_stage < 3,
+            "train.zero_stage",
+            t.zero_stage,
+            "0, 1 or 2 with train.ema (the average copies full, unpartitioned weights)",
+        )
 
 
 def _is_coca(clip_spec) -> bool:

@@ -80,8 +80,12 @@ def step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def load_run_model(run_dir, tag: str | None = None):
-    """(config, MultimodalModel with the checkpoint's weights, tag) for a training run directory."""
+EMA_WEIGHTS = "ema.safetensors"  # in a checkpoint of a run with train.ema
+
+
+def load_run_model(run_dir, tag: str | None = None, ema: bool = False):
+    """(config, MultimodalModel with the checkpoint's weights, tag) for a training run directory;
+    ema: the checkpoint's weight average (train.ema) instead of the trained weights."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -89,9 +93,16 @@ def load_run_model(run_dir, tag: str | None = None):
     cfg = load_config(config_path)
     tag, folder = resolve_checkpoint(run_dir, tag)
     model = build_model(cfg.model, cfg.modalities)
-    weights = folder / "model.safetensors"
+    weights = folder / (EMA_WEIGHTS if ema else "model.safetensors")
+    if ema and not weights.is_file():
+        raise ExportError(
+            f"checkpoint {tag!r} of {run_dir} has no weight average ({weights} does not exist): "
+            "train with train.ema to export one"
+        )
     try:
-        if weights.is_file():
+        if ema:
+            model.load_state_dict(load_file(str(weights)), strict=True)
+        elif weights.is_file():
             # load_model copes with files written by save_model (shared tensors deduplicated) and save_file.
             load_model(model, str(weights), strict=True)
         else:  # a checkpoint saved without it: the fp32 weights rebuilt from DeepSpeed's files
@@ -118,9 +129,12 @@ def _jsonable(value):
     return value
 
 
-def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
+def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str, ema: bool = False) -> None:
     preprocess_cfg = _jsonable(open_clip.get_model_preprocess_cfg(model.clip))
-    _write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model.clip_cfg, "preprocess_cfg": preprocess_cfg})
+    model_cfg = dict(model.clip_cfg)
+    # patch dropout is a training-time choice; the exported model sees every patch
+    model_cfg["vision_cfg"] = {k: v for k, v in model_cfg["vision_cfg"].items() if k != "patch_dropout"}
+    _write_json(folder / OPEN_CLIP_CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
     # Scalar logit_scale clamped at ln(100): the value CLIP actually uses.
     clip_state = {k: v.float().cpu().contiguous() for k, v in model.open_clip_state_dict().items()}
@@ -134,7 +148,10 @@ def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
         save_file(state, str(folder / name))
         towers[modality] = {
             "type": getattr(tower_cfg, "type", "timm_audio"),
-            "config": _jsonable(dataclasses.asdict(tower_cfg)),
+            # the starting weights are in this folder's file now, not where training found them
+            "config": _jsonable(
+                {k: v for k, v in dataclasses.asdict(tower_cfg).items() if k != "pretrained"}
+            ),
             "weights": name,
         }
 
@@ -156,6 +173,7 @@ def _write_export(folder: Path, cfg, model, run_dir: Path, tag: str) -> None:
             "tag": tag,
             "step": step_of(tag),
             "run_name": cfg.run.name,
+            "weights": "ema" if ema else "trained",
         },
     }
     _write_json(folder / MMCONTRAST_CONFIG, meta)
@@ -182,18 +200,19 @@ def _install(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def export_run(run_dir, out_dir, tag: str | None = None) -> Path:
-    """Export a run's latest (or `tag`) checkpoint to `out_dir`; returns the folder's path.
+def export_run(run_dir, out_dir, tag: str | None = None, ema: bool = False) -> Path:
+    """Export a run's latest (or `tag`) checkpoint to `out_dir`, its weight average with `ema`;
+    returns the folder's path.
 
     The folder is written under a temporary name next to `out_dir` and renamed into place, so a
     crash leaves either the previous export or the new one, never a mixture.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg, model, tag = load_run_model(run_dir, tag)
+    cfg, model, tag = load_run_model(run_dir, tag, ema)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_export(tmp, cfg, model, run_dir, tag)
+        _write_export(tmp, cfg, model, run_dir, tag, ema)
         _install(tmp, out_dir)
     finally:
         if tmp.exists():

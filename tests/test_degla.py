@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mmcontrast.config import ConfigError, LossConfig, TermConfig, load_config
 from mmcontrast.losses import Objective
 from mmcontrast.losses.degla import distillation, image_grounded_contrast, text_grounded_contrast
-from mmcontrast.train.teacher import EmaTeacher
+from mmcontrast.train.ema import WeightEma
 from tests.distributed import run_ranks
 
 
@@ -119,16 +119,20 @@ def test_two_gloo_ranks_equal_dense_formulas():
 
 def test_ema_teacher_follows_the_student_and_is_frozen():
     student = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
-    teacher = EmaTeacher(student, decay=0.9)
+    student[0].bias.requires_grad_(False)  # a locked parameter: the average keeps it
+    teacher = WeightEma(student, decay=0.9, every=2)
     before = teacher.model[0].weight.clone()
     with torch.no_grad():
         student[0].weight.add_(1.0)
         student[1].running_mean.fill_(3.0)
-    teacher.update(student)
+    teacher.update(student, step=1)  # not an update step (every=2): nothing moves
+    assert torch.equal(teacher.model[0].weight, before)
+    teacher.update(student, step=2)
     torch.testing.assert_close(teacher.model[0].weight, 0.9 * before + 0.1 * student[0].weight)
+    assert torch.equal(teacher.model[0].bias, student[0].bias)
     assert torch.equal(teacher.model[1].running_mean, student[1].running_mean)
     assert not any(p.requires_grad for p in teacher.model.parameters())
-    clone = EmaTeacher(student, decay=0.9)
+    clone = WeightEma(student, decay=0.9)
     clone.load_state_dict(teacher.state_dict())
     assert torch.equal(clone.model[0].weight, teacher.model[0].weight)
 

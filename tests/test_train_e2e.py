@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from mmcontrast.data.demo import write_demo_world
 
@@ -64,12 +66,14 @@ def _train_losses(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in _metrics(run_dir) if "loss" in r}
 
 
-# Hard-negative captions, NegCLIP columns and DeGLA with its EMA teacher: the teacher must be
-# checkpointed and restored for the resumed losses to match.
+# Hard-negative captions, NegCLIP columns and DeGLA with its EMA teacher, and a weight EMA
+# (train.ema) beside it: both averages must be checkpointed and restored for the resumed losses
+# and the final average to match.
 NEGATIVES = [
     "data.negatives=demo",
     "loss.terms=[{name: info_nce, pairs: [[image, audio]]}, {name: negclip, pairs: [[image, text]]},"
     " {name: degla, pairs: [[image, text]], options: {ema: 0.8}}]",
+    "train.ema={decay: 0.9, every: 3}",
 ]
 
 
@@ -118,6 +122,13 @@ def test_sigkill_after_checkpoint_then_resume_continues_exactly(repo_root, world
         # older tags are pruned (keep_checkpoints): the newest carries the teacher
         assert (killed / "checkpoints" / f"step_{steps:07d}" / "teacher.safetensors").is_file()
         assert res[steps]["degla/distill"] > 0 and "negclip/image-text" in res[steps]
+        # the weight EMA continued exactly across the kill: equal to the uninterrupted run's
+        final = f"step_{steps:07d}"
+        for name in ("ema", "teacher"):
+            resumed = load_file(str(killed / "checkpoints" / final / f"{name}.safetensors"))
+            uninterrupted = load_file(str(reference / "checkpoints" / final / f"{name}.safetensors"))
+            assert resumed.keys() == uninterrupted.keys()
+            assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), name
 
 
 @pytest.mark.parametrize("nodes", [1, 2], ids=["one_node", "two_nodes_static_rendezvous"])
@@ -133,6 +144,9 @@ def test_torchrun_two_processes_train_and_checkpoint(repo_root, world, tmp_path,
         "PYTHON": sys.executable,
     }
     extra = ["train.steps=6", "train.checkpoint_every=3", "train.eval_every=3", "data.workers=1"]
+    # a locked tower on 2 ranks: its embeddings (no autograd) enter the gathers, its parameters
+    # no gradient all-reduce
+    extra.append("model.lock={audio: true}")
     cmd = [
         "bash",
         str(repo_root / "launch/torchrun.sh"),

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mmcontrast.model.coca import coca_forward, init_decoder, is_coca_config
+from mmcontrast.model.tower_groups import lock_towers, tower_modules
 from mmcontrast.model.towers import create_tower
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -90,6 +91,24 @@ class MultimodalModel(nn.Module):
             }
         )
         self.tower_cfgs = {m: cfg for m, cfg in (extra_towers or {}).items() if m in self.modalities}
+        self.locked: set[str] = set()  # towers locked whole: eval mode, no autograd
+        self.frozen_norms: list[nn.Module] = []  # batch norms of locked groups: statistics kept
+
+    def lock(self, spec: dict) -> None:
+        """Lock towers, {modality: true | {options}} (see tower_groups.lock_towers)."""
+        self.locked |= lock_towers(self, spec)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train, but locked towers and frozen norms stay in eval mode: their
+        dropout is off and their batch-norm statistics do not move."""
+        super().train(mode)
+        for modality in self.locked:
+            for module in tower_modules(self, modality):
+                module.eval()
+        for module in self.frozen_norms:
+            module.eval()
+        return self
 
     @property
     def embed_dim(self) -> int:
@@ -129,6 +148,12 @@ class MultimodalModel(nn.Module):
         return None if bias is None else bias.reshape(())
 
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        if modality in self.locked:  # nothing to train: keep no activations for a backward
+            with torch.no_grad():
+                return self._encode(modality, x)
+        return self._encode(modality, x)
+
+    def _encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         if modality == "image":
             return self.clip.encode_image(x, normalize=True)
         if modality == "text":
@@ -169,10 +194,21 @@ class MultimodalModel(nn.Module):
 def build_model(model_cfg, modalities) -> MultimodalModel:
     """From the typed ModelConfig (mmcontrast.config) and the run's modalities."""
     clip_cfg = resolve_clip_config(model_cfg.clip)
+    if model_cfg.patch_dropout:  # FLIP: open_clip's PatchDropout, active in training mode only
+        vision = clip_cfg["vision_cfg"]
+        if isinstance(vision.get("layers"), (list, tuple)) or (
+            vision.get("timm_model_name") and "vit" not in vision["timm_model_name"]
+        ):
+            raise ValueError(
+                f"model.patch_dropout: {model_cfg.patch_dropout} needs a ViT image tower (it drops patch "
+                "tokens); this model.clip's image tower is a convolutional network"
+            )
+        clip_cfg["vision_cfg"] = {**vision, "patch_dropout": model_cfg.patch_dropout}
     if model_cfg.init_logit_bias is not None:  # open_clip's CLIP owns the bias, as for SigLIP models
         clip_cfg["init_logit_bias"] = model_cfg.init_logit_bias
     extra = {"audio": model_cfg.audio} if model_cfg.audio is not None else {}
     model = MultimodalModel(clip_cfg, extra, modalities, image_augment=dict(model_cfg.image_augment))
     with torch.no_grad():
         model.clip.logit_scale.fill_(model_cfg.init_logit_scale)
+    model.lock({m: v for m, v in model_cfg.lock.items() if m in model.modalities})
     return model

@@ -26,7 +26,9 @@ def register_tower(name: str):
 
 @register_tower("timm_audio")
 def timm_audio(embed_dim: int, cfg) -> nn.Module:
-    return AudioTower(embed_dim, **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "type"})
+    # starting weights are loaded after the build (model/pretrained.py), on fresh runs only
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("type", "pretrained")}
+    return AudioTower(embed_dim, **options)
 
 
 def create_tower(embed_dim: int, cfg) -> nn.Module:

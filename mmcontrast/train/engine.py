@@ -45,15 +45,48 @@ def offloaded_optimizer_threads(ds_config: dict) -> int | None:
     return max(1, len(os.sched_getaffinity(0)) // ranks_here)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as CLIP: no decay on norms, biases, gains and the logit scale."""
-    decay, no_decay = [], []
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr: float,
+    lr_scale: dict[str, float] | None = None,
+    layer_decay: dict[str, float] | None = None,
+) -> list[dict]:
+    """AdamW groups as CLIP: no decay on norms, biases, gains and the logit scale. Locked
+    (requires_grad=False) parameters are left out, so they get no optimizer state.
+
+    Each group's learning rate is lr x its tower's lr_scale x layer_decay ** (layers above it
+    in its tower); the group keeps the product as "lr_scale" and the schedule multiplies its lr.
+    """
+    from mmcontrast.model.tower_groups import layer_groups
+
+    lr_scale, layer_decay = lr_scale or {}, layer_decay or {}
+    layers = layer_groups(model)
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.ndim < 2 or "bn" in name or "ln" in name or "norm" in name or "bias" in name
-        (no_decay if exempt or "logit_scale" in name else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+        decays = not (exempt or "logit_scale" in name)
+        tower, layer, top = layers[name]
+        scale = lr_scale.get(tower, 1.0) * layer_decay.get(tower, 1.0) ** (top - layer)
+        groups.setdefault((scale, decays), []).append(p)
+    # scale 1 first, undecayed before decayed: the order (and checkpoints) of a run without scales
+    return [
+        {
+            "params": params,
+            "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * scale,
+            "lr_scale": scale,
+        }
+        for (scale, decays), params in sorted(groups.items(), key=lambda item: (-item[0][0], item[0][1]))
+    ]
+
+
+def scheduled_lr(engine) -> float:
+    """The schedule's learning rate now (train.lr x the schedule), before per-group scales."""
+    group = engine.optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):
@@ -104,10 +137,14 @@ def build_engine(model: torch.nn.Module, cfg, load_universal: bool = False):
     options = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps, "fused": True}
     if guarded:
         optimizer = FiniteGuardedAdamW(
-            param_groups(model, t.weight_decay), max_grad_norm=t.grad_clip, **options
+            param_groups(model, t.weight_decay, t.lr, t.lr_scale, t.layer_decay),
+            max_grad_norm=t.grad_clip,
+            **options,
         )
     else:
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), **options)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, t.weight_decay, t.lr, t.lr_scale, t.layer_decay), **options
+        )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(t.warmup, t.steps, t.min_lr / t.lr))
     config = deepspeed_config(cfg, world_size=torch.distributed.get_world_size())
     if guarded:  # the guarded optimizer clips with the norms it computes anyway; DeepSpeed's

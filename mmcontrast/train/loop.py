@@ -20,6 +20,7 @@ from mmcontrast.data.image import DeviceNormalize, split_device_normalize
 from mmcontrast.data.pipeline import check_shard_urls_on_each_node, make_loader
 from mmcontrast.losses import Objective
 from mmcontrast.model.multimodal import build_model
+from mmcontrast.model.pretrained import load_pretrained
 from mmcontrast.train.checkpoint import (
     CheckpointWriteError,
     finish_checkpoints,
@@ -32,18 +33,19 @@ from mmcontrast.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from mmcontrast.train.ema import WeightEma
 from mmcontrast.train.engine import (
     PRECISION_DTYPES,
     build_engine,
     configure_backends,
     init_distributed,
+    scheduled_lr,
 )
 from mmcontrast.train.grad_cache import grad_cache_step
 from mmcontrast.train.guard import BufferSnapshot, NonFiniteCounter
 from mmcontrast.train.metrics import MetricsLogger, drop_records_after
 from mmcontrast.train.preemption import StopAgreement, StopRequest, clear_marker, write_marker
 from mmcontrast.train.resume import check_resume, write_run_config
-from mmcontrast.train.teacher import EmaTeacher
 
 log = logging.getLogger("mmcontrast.train")
 
@@ -181,6 +183,19 @@ def _layout(position: dict) -> tuple[int, int]:
     return position["world_size"], position["roles"]
 
 
+def evaluate_weights(engine, cfg: Config, benchmarks, ema: WeightEma | None) -> dict:
+    """val/... metrics of the trained weights and, with train.ema, val_ema/... of their
+    average. Collective."""
+    out = {f"val/{k}": v for k, v in evaluate_on_all_ranks(engine, cfg, benchmarks).items()}
+    if ema is not None:
+        with torch.no_grad():
+            for buffer in ema.model.buffers():  # rank 0's statistics, as the checkpoint holds
+                dist.broadcast(buffer, src=0)
+        evaluation = evaluate_on_all_ranks(engine, cfg, benchmarks, model=ema.model)
+        out.update({f"val_ema/{k}": v for k, v in evaluation.items()})
+    return out
+
+
 def evaluation_model(engine, cfg: Config):
     """The model to evaluate: the engine's module, or under ZeRO-3 (whose forward fetches its
     partitions with collectives) an unpartitioned copy on every rank. Collective.
@@ -199,12 +214,13 @@ def evaluation_model(engine, cfg: Config):
     return model.to(engine.device)
 
 
-def evaluate_on_all_ranks(engine, cfg: Config, benchmarks) -> dict:
-    """Metrics of every benchmark folder; each rank encodes its share. Collective."""
+def evaluate_on_all_ranks(engine, cfg: Config, benchmarks, model=None) -> dict:
+    """Metrics of every benchmark folder (of the engine's model, or `model`); each rank
+    encodes its share. Collective."""
     from mmcontrast.eval import Decoder, evaluate_benchmarks
     from mmcontrast.eval.run import caption_fn_for
 
-    model = evaluation_model(engine, cfg)
+    model = model if model is not None else evaluation_model(engine, cfg)
     decoder = Decoder(
         model.val_transform,
         cfg.data.audio_sample_rate,
@@ -266,6 +282,8 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             shutil.rmtree(run_dir / SKIPPED_KEYS_DIR, ignore_errors=True)
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, cfg.modalities)
+    if resume_tag is None:  # a resume continues from its checkpoint's weights
+        load_pretrained(model, cfg.model)
     if cfg.train.activation_checkpointing:
         model.set_grad_checkpointing(True)
     objective = Objective.from_config(cfg.loss, cfg.modalities)
@@ -280,11 +298,23 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         resumed_at = state["step"] if state else 0
         drop_records_after(run_dir, resumed_at, evaluations_at_step=resumed_at >= cfg.train.steps)
     step = state["step"] if state else 0
-    teacher = None
-    if objective.teacher_decay is not None:  # e.g. degla: an EMA copy of the model, checkpointed
-        teacher = EmaTeacher(engine.module, objective.teacher_decay)
-        if state:
-            teacher.load_state_dict(load_weights_file(run_dir, state["tag"], "teacher"))
+    averages = {}  # weight EMAs, checkpointed as <tag>/<name>.safetensors
+    if objective.teacher_decay is not None:  # e.g. degla's teacher
+        averages["teacher"] = WeightEma(engine.module, objective.teacher_decay)
+    if cfg.train.ema is not None:
+        averages["ema"] = WeightEma(engine.module, cfg.train.ema.decay, cfg.train.ema.every)
+    for name, average in averages.items():
+        if not state:
+            continue
+        try:
+            average.load_state_dict(load_weights_file(run_dir, state["tag"], name))
+        except FileNotFoundError:
+            if name != "ema":
+                raise
+            log.warning(
+                "train.ema is new to this run: the average starts from the weights of %s", state["tag"]
+            )
+    teacher, ema = averages.get("teacher"), averages.get("ema")
     seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout per rank
     saved_layout = None  # every rank's data position, when the checkpoint's ranks or workers differ
     if state and ("data" not in state or _layout(state["data"]) != (world, max(1, cfg.data.workers))):
@@ -357,8 +387,9 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             buffers.restore()
         reason = "" if applied else nonfinite_reason(loss)  # a host read on skipped steps only
         nonfinite.record(step, applied, batch["__key__"], reason)
-        if teacher is not None and applied:
-            teacher.update(engine.module)
+        if applied:
+            for average in averages.values():
+                average.update(engine.module, step)
         faults.kill_point("step")
         samples_seen += len(batch["__key__"])
         bar.update(1)
@@ -373,7 +404,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                 {
                     "step": step,
                     **values,
-                    "lr": engine.get_lr()[0],
+                    "lr": scheduled_lr(engine),
                     "samples_per_s": rate,
                     "nonfinite_steps": nonfinite.total,
                     **gpu_memory(engine.device),
@@ -387,8 +418,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
             and step < cfg.train.steps
             and benchmarks
         ):
-            evaluation = evaluate_on_all_ranks(engine, cfg, benchmarks)
-            metrics.log({"step": step, **{f"val/{k}": v for k, v in evaluation.items()}})
+            metrics.log({"step": step, **evaluate_weights(engine, cfg, benchmarks, ema)})
 
         due = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
         stopping = agreement.poll()  # SIGUSR1/SIGTERM/SIGINT on any rank: checkpoint now and leave
@@ -399,7 +429,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
                 step,
                 {"data": loader.state_dict(), "nonfinite": nonfinite.state_dict()},
                 cfg.train.keep_checkpoints,
-                weights_files={"teacher": teacher.state_dict()} if teacher is not None else None,
+                weights_files={name: average.state_dict() for name, average in averages.items()},
                 full_weights=step == cfg.train.steps
                 or bool(cfg.train.weights_every and step % cfg.train.weights_every == 0),
                 # checksums and `latest` beside the next steps; the last save of a run finishes here
@@ -427,10 +457,14 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         if skipped["counts"]:
             log.warning("skipped samples: %s", skipped["counts"])
     if benchmarks:
-        final = evaluate_on_all_ranks(engine, cfg, benchmarks)
-        metrics.log({"step": step, **{f"val/{k}": v for k, v in final.items()}})
+        final = evaluate_weights(engine, cfg, benchmarks, ema)
+        metrics.log({"step": step, **final})
         if rank == 0:  # every rank holds it; one prints it
-            result["eval"] = final
+            result["eval"] = {k.removeprefix("val/"): v for k, v in final.items() if k.startswith("val/")}
+            if ema is not None:
+                result["eval_ema"] = {
+                    k.removeprefix("val_ema/"): v for k, v in final.items() if k.startswith("val_ema/")
+                }
     metrics.close()
     dist.barrier()
     return result
