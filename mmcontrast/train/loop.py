@@ -183,6 +183,28 @@ def _layout(position: dict) -> tuple[int, int]:
     return position["world_size"], position["roles"]
 
 
+def weight_averages(
+    engine, objective, cfg: Config, run_dir: Path, state: dict | None
+) -> dict[str, WeightEma]:
+    """The run's weight EMAs by name: "teacher" (a self-distillation term's, e.g. degla) and
+    "ema" (train.ema), restored from a resumed checkpoint's <tag>/<name>.safetensors."""
+    averages = {}
+    if objective.teacher_decay is not None:
+        averages["teacher"] = WeightEma(engine.module, objective.teacher_decay)
+    if cfg.train.ema is not None:
+        averages["ema"] = WeightEma(engine.module, cfg.train.ema.decay, cfg.train.ema.every)
+    for name, average in averages.items() if state else ():
+        try:
+            average.load_state_dict(load_weights_file(run_dir, state["tag"], name))
+        except FileNotFoundError:
+            if name != "ema":
+                raise
+            log.warning(
+                "train.ema is new to this run: the average starts from the weights of %s", state["tag"]
+            )
+    return averages
+
+
 def evaluate_weights(engine, cfg: Config, benchmarks, ema: WeightEma | None) -> dict:
     """val/... metrics of the trained weights and, with train.ema, val_ema/... of their
     average. Collective."""
@@ -298,22 +320,7 @@ def _train(cfg: Config, resume: bool | str, rank: int, world: int, stop: StopReq
         resumed_at = state["step"] if state else 0
         drop_records_after(run_dir, resumed_at, evaluations_at_step=resumed_at >= cfg.train.steps)
     step = state["step"] if state else 0
-    averages = {}  # weight EMAs, checkpointed as <tag>/<name>.safetensors
-    if objective.teacher_decay is not None:  # e.g. degla's teacher
-        averages["teacher"] = WeightEma(engine.module, objective.teacher_decay)
-    if cfg.train.ema is not None:
-        averages["ema"] = WeightEma(engine.module, cfg.train.ema.decay, cfg.train.ema.every)
-    for name, average in averages.items():
-        if not state:
-            continue
-        try:
-            average.load_state_dict(load_weights_file(run_dir, state["tag"], name))
-        except FileNotFoundError:
-            if name != "ema":
-                raise
-            log.warning(
-                "train.ema is new to this run: the average starts from the weights of %s", state["tag"]
-            )
+    averages = weight_averages(engine, objective, cfg, run_dir, state)
     teacher, ema = averages.get("teacher"), averages.get("ema")
     seed_everything(cfg.run.seed + 1000 * rank)  # distinct dropout per rank
     saved_layout = None  # every rank's data position, when the checkpoint's ranks or workers differ
