@@ -53,6 +53,16 @@ def source(tmp_path_factory):
     return export_run(root / "run", root / "export"), models["step_0000100"]
 
 
+@torch.no_grad()
+def _same_as_open_clip(model, reference, batch, modalities) -> None:
+    """The model's embeddings equal those of open_clip's own model (atol 1e-6)."""
+    encoders = {"image": reference.encode_image, "text": reference.encode_text}
+    for m in modalities:
+        torch.testing.assert_close(
+            model.encode(m, batch[m]), encoders[m](batch[m], normalize=True), atol=1e-6, rtol=0
+        )
+
+
 def test_open_clip_train_checkpoint_gives_the_embeddings_open_clip_loads(tmp_path):
     """A .pt as open_clip_train writes it (DDP's module. prefix under state_dict, scalar
     logit_scale): the run's model encodes as open_clip's own loader of that file does."""
@@ -77,19 +87,7 @@ def test_open_clip_train_checkpoint_gives_the_embeddings_open_clip_loads(tmp_pat
     open_clip.load_checkpoint(reference, str(checkpoint))  # open_clip's own reading of the file
     reference.eval()
     batch = _batch(started)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            started.encode("image", batch["image"]),
-            reference.encode_image(batch["image"], normalize=True),
-            atol=1e-6,
-            rtol=0,
-        )
-        torch.testing.assert_close(
-            started.encode("text", batch["text"]),
-            reference.encode_text(batch["text"], normalize=True),
-            atol=1e-6,
-            rtol=0,
-        )
+    _same_as_open_clip(started, reference, batch, ("image", "text"))
     assert started.logit_scale().item() == pytest.approx(
         math.exp(min(source.clip.logit_scale.item(), math.log(100)))
     )
@@ -104,18 +102,14 @@ def test_an_export_starts_every_tower_where_the_source_was(source):
     reference = open_clip.create_model(f"local-dir:{folder}").eval()  # open_clip reads the folder itself
     with torch.no_grad():
         for modality in ("image", "text", "audio"):
-            torch.testing.assert_close(
+            close = torch.testing.assert_close
+            close(
                 started.encode(modality, batch[modality]),
                 model.encode(modality, batch[modality]),
                 atol=1e-6,
                 rtol=0,
             )
-        torch.testing.assert_close(
-            started.encode("image", batch["image"]),
-            reference.encode_image(batch["image"], normalize=True),
-            atol=1e-6,
-            rtol=0,
-        )
+    _same_as_open_clip(started, reference, batch, ("image",))
 
 
 def test_model_clip_local_dir_loads_its_weights_or_is_refused(source, tmp_path):
