@@ -30,7 +30,7 @@ from torch import nn
 from mmcontrast.config import AudioTowerConfig, load_config
 from mmcontrast.model.multimodal import MAX_LOGIT_SCALE, build_model
 from mmcontrast.model.towers import TOWERS, create_tower
-from mmcontrast.train.checkpoint import checkpoint_weights
+from mmcontrast.train.checkpoint import checkpoint_weights, load_weights_file
 
 FORMAT_VERSION = 1
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -80,9 +80,6 @@ def step_of(tag: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-EMA_WEIGHTS = "ema.safetensors"  # in a checkpoint of a run with train.ema
-
-
 def load_run_model(run_dir, tag: str | None = None, ema: bool = False):
     """(config, MultimodalModel with the checkpoint's weights, tag) for a training run directory;
     ema: the checkpoint's weight average (train.ema) instead of the trained weights."""
@@ -93,15 +90,15 @@ def load_run_model(run_dir, tag: str | None = None, ema: bool = False):
     cfg = load_config(config_path)
     tag, folder = resolve_checkpoint(run_dir, tag)
     model = build_model(cfg.model, cfg.modalities)
-    weights = folder / (EMA_WEIGHTS if ema else "model.safetensors")
-    if ema and not weights.is_file():
-        raise ExportError(
-            f"checkpoint {tag!r} of {run_dir} has no weight average ({weights} does not exist): "
-            "train with train.ema to export one"
-        )
+    weights = folder / "model.safetensors"
     try:
-        if ema:
-            model.load_state_dict(load_file(str(weights)), strict=True)
+        if ema:  # the checkpoint's <tag>/ema.safetensors, as the loop saved it
+            try:
+                model.load_state_dict(load_weights_file(run_dir, tag, "ema"), strict=True)
+            except FileNotFoundError as exc:
+                raise ExportError(
+                    f"checkpoint {tag!r} of {run_dir} has no weight average ({exc}): train with train.ema to export one"
+                ) from None
         elif weights.is_file():
             # load_model copes with files written by save_model (shared tensors deduplicated) and save_file.
             load_model(model, str(weights), strict=True)

@@ -18,7 +18,6 @@ log = logging.getLogger("mmcontrast.pretrained")
 
 # weights file names open_clip's local-dir loader looks for, in its order of preference
 OPEN_CLIP_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_model.pt")
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 SHOWN_KEYS = 5  # mismatching keys named in an error
 
 

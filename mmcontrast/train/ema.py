@@ -17,18 +17,18 @@ class WeightEma:
         self.decay, self.every = decay, every
         self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
         # locked parameters never change: the average of a constant is the constant
-        self._trained = [name for name, p in model.named_parameters() if p.requires_grad]
+        self._trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        self._averaged = [p for name, p in self.model.named_parameters() if name in self._trained]
+        self._followed: list[torch.Tensor] | None = None  # the trained model's, found at the first update
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
         """Fold in the weights after optimizer step `step` (1-based), on every `every`-th step."""
         if step % self.every:
             return
-        own, new = dict(self.model.named_parameters()), dict(model.named_parameters())
-        averaged = [own[name] for name in self._trained]
-        torch._foreach_lerp_(
-            averaged, [new[name].detach().float() for name in self._trained], 1.0 - self.decay
-        )
+        if self._followed is None:
+            self._followed = [p for name, p in model.named_parameters() if name in self._trained]
+        torch._foreach_lerp_(self._averaged, [p.detach().float() for p in self._followed], 1.0 - self.decay)
         for mine, theirs in zip(self.model.buffers(), model.buffers(), strict=True):
             mine.copy_(theirs)
 
