@@ -326,3 +326,15 @@ def test_export_ema_of_a_run_without_ema_is_refused(tmp_path):
     make_run_dir(tmp_path / "run", steps=(5,))
     with pytest.raises(ExportError, match="no weight average"):
         export_run(tmp_path / "run", tmp_path / "export", ema=True)
+
+
+def test_starting_weights_holding_nan_are_refused(source, tmp_path):
+    from safetensors.torch import load_file
+
+    folder, _ = source
+    state = load_file(str(folder / "open_clip_model.safetensors"))
+    state["text_projection"][0, 0] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    cfg = _config(f"model.pretrained={tmp_path / 'nan.safetensors'}")
+    with pytest.raises(PretrainedError, match=r"NaN or infinite values in 1 tensor\(s\): text_projection"):
+        load_pretrained(_fresh(cfg, seed=0), cfg.model)

@@ -71,6 +71,11 @@ def load_matching(module: nn.Module, state: dict, strict: bool, source: str) -> 
             "model.audio) or set model.pretrained_strict: false to load only the tensors that fit"
         )
     fitting = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    broken = [k for k, v in fitting.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # a NaN start would train on silently until the non-finite guard stops the run
+        raise PretrainedError(
+            f"{source} holds NaN or infinite values in {len(broken)} tensor(s): {', '.join(broken[:SHOWN_KEYS])}"
+        )
     module.load_state_dict(fitting, strict=False)
     not_loaded = missing + [k.split(" ")[0] for k in misshapen]
     if not_loaded:
